@@ -1,0 +1,100 @@
+"""ConLIP's losses: DCL / InfoNCE against momentum keys and queues (Eq. 9-12), MLM, MIM."""
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .masking import IGNORE_INDEX
+
+
+def instance_contrastive_loss(
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        queue: torch.Tensor,
+        scale: torch.Tensor,
+        offset: int = 0,
+        decoupled: bool = True,
+        in_batch_negatives: bool = True,
+) -> torch.Tensor:
+    """One direction of the instance loss, averaged over the local queries.
+
+    ``queries`` (B, D): normalised online embeddings of this rank; ``keys`` (G, D): normalised
+    momentum keys of the global batch, query ``i``'s positive at ``offset + i``; ``queue`` (K, D).
+    DCL drops the positive from the log-sum-exp, InfoNCE keeps it. Computed in fp32.
+    """
+    b = queries.shape[0]
+    candidates = torch.cat([keys, queue], dim=0).float()
+    logits = scale.float() * queries.float() @ candidates.t()
+    rows = torch.arange(b, device=logits.device)
+    positive_col = rows + offset
+    positive = logits[rows, positive_col]
+    in_batch = torch.zeros_like(logits, dtype=torch.bool)
+    in_batch[:, : keys.shape[0]] = True
+    is_positive = torch.zeros_like(in_batch)
+    is_positive[rows, positive_col] = True
+    excluded = is_positive if decoupled else torch.zeros_like(is_positive)
+    if not in_batch_negatives:
+        excluded = excluded | (in_batch & ~is_positive)
+    negatives = logits.masked_fill(excluded, float("-inf"))
+    return (torch.logsumexp(negatives, dim=1) - positive).mean()
+
+
+def masked_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy at the masked positions (the head is evaluated there only)."""
+    if labels.numel() == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+
+
+def masked_pixel_loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error over the masked patches' pixels (SimMIM)."""
+    if predictions.numel() == 0:
+        return predictions.sum() * 0.0
+    return (predictions.float() - targets.float()).abs().mean()
+
+
+class ConLIPLoss(nn.Module):
+    """Consumes a ConLIP model's training output; returns each term by name, as open_clip logs them."""
+
+    def __init__(
+            self,
+            instance_loss: str = "dcl",
+            in_batch_negatives: bool = True,
+            names: Optional[Dict[str, str]] = None,
+            rank: int = 0,
+    ):
+        super().__init__()
+        if instance_loss not in ("dcl", "infonce"):
+            raise ValueError(f"instance_loss must be 'dcl' or 'infonce', got {instance_loss!r}")
+        self.decoupled = instance_loss == "dcl"
+        self.in_batch_negatives = in_batch_negatives
+        self.names = names or {"instance": f"{instance_loss}_loss", "mlm": "conmlm_loss", "mim": "conmim_loss"}
+        self.rank = rank
+
+    def forward(
+            self,
+            image_features: torch.Tensor,
+            text_features: torch.Tensor,
+            logit_scale: torch.Tensor,
+            image_momentum_features: torch.Tensor,
+            text_momentum_features: torch.Tensor,
+            image_queue: torch.Tensor,
+            text_queue: torch.Tensor,
+            mlm_logits: Optional[torch.Tensor] = None,
+            mlm_labels: Optional[torch.Tensor] = None,
+            mim_predictions: Optional[torch.Tensor] = None,
+            mim_targets: Optional[torch.Tensor] = None,
+            output_dict: bool = False,
+    ):
+        offset = self.rank * image_features.shape[0]
+        kwargs = dict(scale=logit_scale, offset=offset, decoupled=self.decoupled,
+                      in_batch_negatives=self.in_batch_negatives)
+        i2t = instance_contrastive_loss(image_features, text_momentum_features, text_queue, **kwargs)
+        t2i = instance_contrastive_loss(text_features, image_momentum_features, image_queue, **kwargs)
+        losses = {self.names["instance"]: i2t + t2i}
+        if mlm_logits is not None:
+            losses[self.names["mlm"]] = masked_token_loss(mlm_logits, mlm_labels)
+        if mim_predictions is not None:
+            losses[self.names["mim"]] = masked_pixel_loss(mim_predictions, mim_targets)
+        return losses if output_dict else sum(losses.values())

@@ -1,0 +1,99 @@
+"""Masking on device, inside the forward: BERT-style text masking and SimMIM-style patch masking."""
+from typing import Iterable, Tuple
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+class TextMasker(nn.Module):
+    """Masks ``ratio`` of each caption's non-special tokens (at least one), 80/10/10 by default.
+
+    Returns the corrupted ids and MLM labels (the original id at chosen positions, -100 elsewhere).
+    Random replacements are drawn from the non-special vocabulary, so a corrupted caption keeps
+    its padding (and so its attention mask) unchanged.
+    """
+
+    def __init__(
+            self,
+            vocab_size: int,
+            mask_token_id: int,
+            special_ids: Iterable[int],
+            ratio: float = 0.15,
+            mask_token_prob: float = 0.8,
+            random_token_prob: float = 0.1,
+    ):
+        super().__init__()
+        special = torch.tensor(sorted(set(int(i) for i in special_ids) | {mask_token_id}))
+        allowed = torch.ones(vocab_size, dtype=torch.bool)
+        allowed[special] = False
+        self.register_buffer("special_ids", special, persistent=False)
+        self.register_buffer("replacement_ids", allowed.nonzero().squeeze(1), persistent=False)
+        self.mask_token_id = mask_token_id
+        self.ratio = ratio
+        self.mask_token_prob = mask_token_prob
+        self.random_token_prob = random_token_prob
+
+    def eligible(self, ids: torch.Tensor) -> torch.Tensor:
+        return ~torch.isin(ids, self.special_ids)
+
+    def choose(self, ids: torch.Tensor) -> torch.Tensor:
+        """Exactly ``max(1, round(ratio * n))`` of the ``n`` eligible tokens per row (none if n = 0)."""
+        eligible = self.eligible(ids)
+        count = eligible.sum(dim=1, keepdim=True)
+        k = torch.clamp(torch.round(count * self.ratio), min=1)
+        k = torch.minimum(k, count)
+        scores = torch.rand(ids.shape, device=ids.device).masked_fill(~eligible, 2.0)
+        rank = scores.argsort(dim=1).argsort(dim=1)
+        return rank < k
+
+    def forward(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        chosen = self.choose(ids)
+        labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX))
+        u = torch.rand(ids.shape, device=ids.device)
+        to_mask = chosen & (u < self.mask_token_prob)
+        to_random = chosen & (u >= self.mask_token_prob) & (u < self.mask_token_prob + self.random_token_prob)
+        pick = torch.randint(len(self.replacement_ids), ids.shape, device=ids.device)
+        corrupted = torch.where(to_mask, torch.full_like(ids, self.mask_token_id), ids)
+        corrupted = torch.where(to_random, self.replacement_ids[pick], corrupted)
+        return corrupted, labels
+
+
+class PatchMasker(nn.Module):
+    """Chooses exactly ``round(ratio * N)`` of the N patches of each image, uniformly at random.
+
+    With ``block`` > 0 (pixels, a multiple of the patch size) whole SimMIM-style blocks are masked:
+    exactly ``round(ratio * number_of_blocks)`` of them.
+    """
+
+    def __init__(self, grid_size: Tuple[int, int], patch_size: int, ratio: float = 0.5, block: int = 0):
+        super().__init__()
+        self.grid_size = tuple(grid_size)
+        self.ratio = ratio
+        self.scale = 1
+        if block:
+            if block % patch_size or self.grid_size[0] % (block // patch_size) or self.grid_size[1] % (block // patch_size):
+                raise ValueError(
+                    f"conlip_cfg.image_mask_block={block} must be a multiple of the patch size {patch_size} "
+                    f"that divides the {self.grid_size} patch grid; use 0 for per-patch masking."
+                )
+            self.scale = block // patch_size
+
+    def forward(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """A (B, N) boolean mask, True where the patch is masked, in row-major patch order."""
+        gh, gw = self.grid_size[0] // self.scale, self.grid_size[1] // self.scale
+        k = int(round(self.ratio * gh * gw))
+        rank = torch.rand(batch_size, gh * gw, device=device).argsort(dim=1).argsort(dim=1)
+        mask = (rank < k).view(batch_size, gh, gw)
+        if self.scale > 1:
+            mask = mask.repeat_interleave(self.scale, dim=1).repeat_interleave(self.scale, dim=2)
+        return mask.flatten(1)
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, p*p*C), patches in row-major order, pixels as (row, col, channel)."""
+    b, c, h, w = images.shape
+    p = patch_size
+    x = images.reshape(b, c, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)

@@ -1,0 +1,262 @@
+"""The ConLIP model: open_clip's ``CustomTextCLIP`` plus ConLIP's training-only pieces.
+
+In eval mode (and for ``encode_image`` / ``encode_text``) it *is* the plain open_clip model:
+the inherited code runs, with no masking, no state change and no collective. In train mode its
+forward runs the spec's passes (A)-(D), the momentum passes, and both heads, and returns what
+:class:`conlip_plugin.loss.ConLIPLoss` needs. The momentum encoders and queues change only in
+an optimizer step post-hook, so an AMP step that the scaler skips changes neither.
+"""
+import logging
+import math
+import os
+import weakref
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from open_clip.model import CustomTextCLIP
+
+from .config import ConLIPCfg
+from .heads import ConditionedHead, MLMPredictionHead, init_head_weights
+from .masking import IGNORE_INDEX, PatchMasker, TextMasker, patchify
+from .momentum import FeatureQueue, ema_update_, gather_keys, momentum_copy
+from .towers import BertTokens, MaskedViT
+
+TRAINING_ONLY_PREFIXES = (
+    "momentum_visual.", "momentum_text.", "image_queue.", "text_queue.", "image_mask_token",
+    "mlm_head.", "mlm_predictor.", "mim_head.", "mim_predictor.",
+)
+
+
+def _require_dir(path: Optional[str], what: str) -> str:
+    if not path or not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(
+            f"{what} must be a local Hugging Face folder (config.json, tokenizer files, weights); got "
+            f"{path!r}. Nothing is fetched from a hub: download it once, then point the config (or the "
+            f"environment variable it names) at the folder."
+        )
+    return path
+
+
+def load_image_tower_weights(visual: nn.Module, path: str) -> None:
+    """Load a timm ViT checkpoint (.pth/.bin/.safetensors, or a big_vision .npz) into the trunk."""
+    import timm.models
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"conlip_cfg.image_weights: {path!r} is not a file (if it names an environment variable, "
+            f"set it). Give a local timm ViT checkpoint, e.g. vit_base_patch16_224.augreg_in21k as "
+            f".safetensors/.pth or its .npz, or remove image_weights from a copy of the config."
+        )
+    trunk = visual.trunk
+    if path.endswith(".npz"):
+        trunk.load_pretrained(path)
+        return
+    state = checkpoint_filter_fn(timm.models.load_state_dict(path), trunk)
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    result = trunk.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"conlip_cfg.image_weights: {path} does not fit vision_cfg.timm_model_name "
+            f"(missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}); "
+            f"use a checkpoint of the same ViT architecture."
+        )
+    logging.info("ConLIP: loaded image tower weights from %s", path)
+
+
+class ConLIP(CustomTextCLIP):
+    def __init__(
+            self,
+            embed_dim: int,
+            vision_cfg: dict,
+            text_cfg: dict,
+            conlip_cfg: dict,
+            quick_gelu: bool = False,
+            init_logit_scale: float = math.log(1 / 0.07),
+            init_logit_bias: Optional[float] = None,
+            nonscalar_logit_scale: bool = False,
+            cast_dtype: Optional[torch.dtype] = None,
+            output_dict: bool = False,
+    ):
+        cfg = ConLIPCfg.from_dict(conlip_cfg)
+        if init_logit_bias is not None:
+            raise ValueError("ConLIP has no logit bias: its instance loss is DCL/InfoNCE, not SigLIP.")
+        text_cfg = dict(text_cfg)
+        _require_dir(text_cfg.get("hf_model_name"), "text_cfg.hf_model_name")
+        _require_dir(text_cfg.get("hf_tokenizer_name"), "text_cfg.hf_tokenizer_name")
+        # create_model clears hf_model_pretrained when a full checkpoint will be loaded afterwards.
+        load_tower_weights = bool(text_cfg.get("hf_model_pretrained", True))
+        text_cfg["hf_model_pretrained"] = load_tower_weights and cfg.text_weights
+        super().__init__(
+            embed_dim, vision_cfg, text_cfg, quick_gelu=quick_gelu,
+            init_logit_scale=math.log(1.0 / cfg.temperature), nonscalar_logit_scale=nonscalar_logit_scale,
+            cast_dtype=cast_dtype, output_dict=output_dict,
+        )
+        self.logit_scale.requires_grad_(False)
+        self.conlip_cfg = cfg
+        if load_tower_weights and cfg.image_weights:
+            load_image_tower_weights(self.visual, cfg.image_weights)
+
+        # Momentum copies come after the pretrained weights and before the mask-token hook.
+        self.momentum_visual = momentum_copy(self.visual)
+        self.momentum_text = momentum_copy(self.text)
+        self._vit = MaskedViT(self.visual)
+        self._bert = BertTokens(self.text)
+        self.image_queue = FeatureQueue(cfg.queue_size, embed_dim)
+        self.text_queue = FeatureQueue(cfg.queue_size, embed_dim)
+        self._build_masking_and_heads(cfg, text_cfg["hf_tokenizer_name"])
+
+        self._ddp_params_and_buffers_to_ignore = [
+            n for n, _ in list(self.named_parameters()) + list(self.named_buffers())
+            if n.startswith(("momentum_visual.", "momentum_text.", "image_queue.", "text_queue."))
+        ]
+        self._pending_keys: Optional[tuple] = None
+        self._register_step_hook()
+
+    def _build_masking_and_heads(self, cfg: ConLIPCfg, tokenizer_dir: str) -> None:
+        vit, bert = self._vit, self._bert
+        if cfg.masked_image_pass:
+            self.image_mask_token = nn.Parameter(torch.zeros(vit.width))
+            nn.init.trunc_normal_(self.image_mask_token, std=0.02)
+            self.patch_masker = PatchMasker(
+                vit.grid_size(self.visual), vit.patch_size, cfg.image_mask_ratio, cfg.image_mask_block)
+        if cfg.masked_text_pass:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+            if tok.mask_token_id is None:
+                raise ValueError(f"ConMLM needs a tokenizer with a [MASK] token; {tokenizer_dir} has none.")
+            self.text_masker = TextMasker(
+                self.text.config.vocab_size, tok.mask_token_id, tok.all_special_ids, cfg.text_mask_ratio,
+                cfg.text_mask_token_prob, cfg.text_random_token_prob)
+        head_kw = dict(heads=cfg.head_heads, layers=cfg.head_layers, shared=cfg.head_shared,
+                       mlp_ratio=cfg.head_mlp_ratio, dropout=cfg.head_dropout)
+        if cfg.mlm:
+            self.mlm_head = ConditionedHead(bert.width, vit.width, **head_kw)
+            self.mlm_predictor = MLMPredictionHead(bert.width, self.text.config.vocab_size)
+            self.mlm_head.apply(init_head_weights)
+            self.mlm_predictor.apply(init_head_weights)
+        if cfg.mim:
+            self.mim_head = ConditionedHead(vit.width, bert.width, **head_kw)
+            self.mim_predictor = nn.Linear(vit.width, vit.patch_size * vit.patch_size * 3)
+            self.mim_head.apply(init_head_weights)
+            self.mim_predictor.apply(init_head_weights)
+
+    # --- momentum encoders and queues: once per real optimizer step --------------------------
+
+    def _register_step_hook(self) -> None:
+        model_ref = weakref.ref(self)
+
+        def after_optimizer_step(optimizer, args, kwargs) -> None:
+            model = model_ref()
+            if model is not None and model._is_stepped_by(optimizer):
+                model.momentum_step()
+
+        handle = register_optimizer_step_post_hook(after_optimizer_step)
+        weakref.finalize(self, handle.remove)
+
+    def _is_stepped_by(self, optimizer: torch.optim.Optimizer) -> bool:
+        mine = {id(p) for p in self.parameters() if p.requires_grad}
+        return any(id(p) in mine for group in optimizer.param_groups for p in group["params"])
+
+    def _online_and_momentum_params(self) -> tuple:
+        online = list(self.visual.parameters()) + list(self.text.parameters())
+        momentum = list(self.momentum_visual.parameters()) + list(self.momentum_text.parameters())
+        return momentum, online
+
+    @torch.no_grad()
+    def momentum_step(self) -> None:
+        """EMA of the momentum encoders, then write the last training batch's keys to the queues."""
+        momentum, online = self._online_and_momentum_params()
+        ema_update_(momentum, online, self.conlip_cfg.momentum)
+        if self._pending_keys is not None:
+            image_keys, text_keys = self._pending_keys
+            self.image_queue.enqueue(image_keys)
+            self.text_queue.enqueue(text_keys)
+            self._pending_keys = None
+
+    @torch.no_grad()
+    def reset_momentum(self) -> None:
+        """Copy the online towers into the momentum encoders (after loading new tower weights)."""
+        momentum, online = self._online_and_momentum_params()
+        torch._foreach_copy_(momentum, [p.detach() for p in online])
+
+    # --- forward ------------------------------------------------------------------------------
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        super().set_grad_checkpointing(enable)
+        for name in ("mlm_head", "mim_head"):
+            if hasattr(self, name):
+                getattr(self, name).grad_checkpointing = enable
+
+    def forward(self, image: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None):
+        if not self.training or image is None or text is None:
+            return super().forward(image, text)
+        return self.forward_train(image, text)
+
+    def forward_train(self, image: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:
+        cfg, vit, bert = self.conlip_cfg, self._vit, self._bert
+        b = image.shape[0]
+        patch_mask = masked_ids = mlm_labels = None
+
+        if cfg.masked_image_pass:  # passes (A) and (C) as one batch
+            patch_mask = self.patch_masker(b, image.device)
+            both = vit.tokens(self.visual, torch.cat([image, image]),
+                              torch.cat([torch.zeros_like(patch_mask), patch_mask]), self.image_mask_token)
+            image_tokens, masked_image_tokens = both[:b], both[b:]
+        else:
+            image_tokens = vit.tokens(self.visual, image)
+        if cfg.masked_text_pass:  # passes (B) and (D) as one batch
+            masked_ids, mlm_labels = self.text_masker(text)
+            both = bert.tokens(self.text, torch.cat([text, masked_ids]))
+            text_tokens, masked_text_tokens = both[:b], both[b:]
+        else:
+            text_tokens = bert.tokens(self.text, text)
+
+        with torch.no_grad():
+            image_keys = gather_keys(F.normalize(self.momentum_visual(image).float(), dim=-1))
+            text_keys = gather_keys(F.normalize(self.momentum_text(text).float(), dim=-1))
+        self._pending_keys = (image_keys, text_keys)
+
+        out = {
+            "image_features": F.normalize(vit.embedding(self.visual, image_tokens), dim=-1),
+            "text_features": F.normalize(bert.embedding(self.text, text_tokens), dim=-1),
+            "logit_scale": self.logit_scale.exp(),
+            "image_momentum_features": image_keys,
+            "text_momentum_features": text_keys,
+            "image_queue": self.image_queue.features,
+            "text_queue": self.text_queue.features,
+        }
+        conditioned = cfg.variant == "conlip"
+        if cfg.mlm:
+            # ConLIP: [complete image's CLS (A, with gradient) ; masked image's patches (C)].
+            memory = (torch.cat([image_tokens[:, :1], masked_image_tokens[:, 1:]], dim=1)
+                      if conditioned else image_tokens)
+            states = self.mlm_head(masked_text_tokens, bert.attention_mask(masked_ids), memory)
+            selected = mlm_labels != IGNORE_INDEX
+            out["mlm_logits"] = self.mlm_predictor(states[selected])
+            out["mlm_labels"] = mlm_labels[selected]
+        if cfg.mim:
+            # ConLIP: [complete text's CLS (B, with gradient) ; masked text's tokens (D)].
+            if conditioned:
+                memory = torch.cat([text_tokens[:, :1], masked_text_tokens[:, 1:]], dim=1)
+                memory_mask = torch.cat([torch.ones_like(masked_ids[:, :1], dtype=torch.bool),
+                                         bert.attention_mask(masked_ids)[:, 1:]], dim=1)
+            else:
+                memory, memory_mask = text_tokens, bert.attention_mask(text)
+            states = self.mim_head(masked_image_tokens[:, 1:], None, memory, memory_mask)
+            out["mim_predictions"] = self.mim_predictor(states[patch_mask])
+            out["mim_targets"] = patchify(image, vit.patch_size)[patch_mask]
+        return out
+
+    def inference_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The weights of the plain open_clip model: training-only pieces dropped."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
+
+    def training_only_keys(self) -> List[str]:
+        return [k for k in self.state_dict() if k.startswith(TRAINING_ONLY_PREFIXES)]

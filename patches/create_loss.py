@@ -1,0 +1,57 @@
+"""Give ConLIP models their loss in open_clip_train, and refuse flags that cannot work.
+
+Why: open_clip 3.3's ``create_loss(args)`` knows only CLIP / CoCa / SigLIP / distillation
+losses, and ``open_clip_train.main`` binds ``from open_clip import create_loss`` when it starts.
+What: wraps ``open_clip.create_loss`` (and ``open_clip.factory.create_loss``): for a model
+whose config has ``conlip_cfg`` it checks the run's flags, then returns ``ConLIPLoss``; any
+other model gets open_clip's own loss. For: open_clip_torch 3.3.x.
+"""
+import functools
+
+_REFUSED = (
+    ("accum_freq", lambda v: v is not None and v > 1,
+     "--accum-freq > 1 re-runs every micro-batch's forward, which would mask, gather and queue each "
+     "batch twice; use a smaller --batch-size per GPU or more GPUs for a larger global batch instead"),
+    ("distill", bool,
+     "--distill feeds a teacher's CLIP logits to a CLIP loss; ConLIP's loss has no such term. "
+     "Train without --distill-model/--distill-pretrained"),
+    ("siglip", bool,
+     "--siglip swaps the loss for SigLIP's; ConLIP's instance loss is DCL/InfoNCE with momentum queues "
+     "(choose it with conlip_cfg.instance_loss)"),
+    ("horovod", bool, "--horovod is not supported: the queues are all-gathered with torch.distributed; use torchrun"),
+    ("precision", lambda v: v not in ("fp32", "amp", "amp_bf16", "amp_bfloat16", "tf32"),
+     "ConLIP keeps its momentum encoders and queues in fp32: use --precision amp, amp_bf16 or fp32"),
+)
+
+
+def conlip_loss_for(args, model_cfg: dict):
+    """Check ``args`` against ConLIP's needs, then build its loss."""
+    from conlip_plugin.config import ConLIPCfg
+    from conlip_plugin.loss import ConLIPLoss
+
+    problems = [why for key, bad, why in _REFUSED if bad(getattr(args, key, None))]
+    if problems:
+        raise SystemExit(f"conlip-plugin: model {args.model!r} cannot train with these flags:\n- "
+                         + "\n- ".join(problems))
+    cfg = ConLIPCfg.from_dict(model_cfg["conlip_cfg"])
+    return ConLIPLoss(cfg.instance_loss, cfg.in_batch_negatives, cfg.loss_names(), rank=args.rank)
+
+
+def apply() -> None:
+    import open_clip
+    import open_clip.factory as factory
+
+    original = factory.create_loss
+    if getattr(original, "_conlip_patched", False):
+        return
+
+    @functools.wraps(original)
+    def create_loss(args):
+        model_cfg = factory.get_model_config(args.model)
+        if isinstance(model_cfg, dict) and "conlip_cfg" in model_cfg:
+            return conlip_loss_for(args, model_cfg)
+        return original(args)
+
+    create_loss._conlip_patched = True
+    factory.create_loss = create_loss
+    open_clip.create_loss = create_loss
