@@ -42,7 +42,7 @@ class TextMasker(nn.Module):
         """Exactly ``max(1, round(ratio * n))`` of the ``n`` eligible tokens per row (none if n = 0)."""
         eligible = self.eligible(ids)
         count = eligible.sum(dim=1, keepdim=True)
-        k = torch.clamp(torch.round(count * self.ratio), min=1)
+        k = torch.clamp(torch.round(count.double() * self.ratio), min=1)
         k = torch.minimum(k, count)
         scores = torch.rand(ids.shape, device=ids.device).masked_fill(~eligible, 2.0)
         rank = scores.argsort(dim=1).argsort(dim=1)

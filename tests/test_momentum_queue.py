@@ -188,6 +188,21 @@ def _trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def test_fresh_model_momentum_copies_equal_online_towers():
+    """Spec step 1: the momentum copies start as copies of the (weight-loaded) online towers."""
+    import open_clip
+
+    torch.manual_seed(21)
+    model = open_clip.create_model("conlip-tiny-cl", output_dict=True)
+    pairs = [(model.momentum_visual, model.visual), (model.momentum_text, model.text)]
+    for twin, online in pairs:
+        twin_state, online_state = twin.state_dict(), online.state_dict()
+        assert set(twin_state) == set(online_state)
+        for k in online_state:
+            assert torch.equal(twin_state[k], online_state[k]), k
+            assert twin_state[k].data_ptr() != online_state[k].data_ptr(), k  # a copy, not shared
+
+
 def test_momentum_parameters_never_require_grad(tiny):
     model, text = tiny
     _reset(model)
