@@ -36,6 +36,7 @@ class ConLIPCfg:
     head_dropout: float = 0.1
     image_weights: Optional[str] = None
     text_weights: bool = True
+    image_checkpoint_blocks: int = 0
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "ConLIPCfg":
@@ -66,6 +67,7 @@ class ConLIPCfg:
             "text_mask_token_prob + text_random_token_prob must be within [0, 1]",
         )
         need(self.head_layers >= 1, "head_layers must be >= 1")
+        need(self.image_checkpoint_blocks >= 0, "image_checkpoint_blocks is a count of ViT blocks (0: none)")
         need(self.variant == "cl" or self.conmlm or self.conmim,
              "variant 'conlip'/'vanilla' needs conmlm or conmim (use variant 'cl' for neither)")
 

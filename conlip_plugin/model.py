@@ -101,7 +101,7 @@ class ConLIP(CustomTextCLIP):
         if load_tower_weights and cfg.image_weights:
             load_image_tower_weights(self.visual, cfg.image_weights)
 
-        # Momentum copies come after the pretrained weights and before the mask-token hook.
+        # Momentum copies come after the pretrained weights are in.
         self.momentum_visual = momentum_copy(self.visual)
         self.momentum_text = momentum_copy(self.text)
         self._vit = MaskedViT(self.visual)
@@ -207,10 +207,11 @@ class ConLIP(CustomTextCLIP):
         if cfg.masked_image_pass:  # passes (A) and (C) as one batch
             patch_mask = self.patch_masker(b, image.device)
             both = vit.tokens(self.visual, torch.cat([image, image]),
-                              torch.cat([torch.zeros_like(patch_mask), patch_mask]), self.image_mask_token)
+                              torch.cat([torch.zeros_like(patch_mask), patch_mask]), self.image_mask_token,
+                              cfg.image_checkpoint_blocks)
             image_tokens, masked_image_tokens = both[:b], both[b:]
         else:
-            image_tokens = vit.tokens(self.visual, image)
+            image_tokens = vit.tokens(self.visual, image, checkpoint_blocks=cfg.image_checkpoint_blocks)
         if cfg.masked_text_pass:  # passes (B) and (D) as one batch
             masked_ids, mlm_labels = self.text_masker(text)
             both = bert.tokens(self.text, torch.cat([text, masked_ids]))

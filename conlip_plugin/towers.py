@@ -2,14 +2,14 @@
 
 ConLIP needs, from each tower, every token state (not only the pooled embedding) and, for the
 image tower, a learned mask token that replaces masked patch embeddings *before* position
-embeddings are added (SimMIM). These adapters reuse the towers' own forward code, so the
-instance embedding computed here is exactly what ``encode_image`` / ``encode_text`` return.
+embeddings are added (SimMIM). These adapters reuse the towers' own modules, so the instance
+embedding computed here is exactly what ``encode_image`` / ``encode_text`` return (a test checks).
 """
-from contextlib import contextmanager
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from open_clip.hf_model import ClsLastHiddenStatePooler, HFTextEncoder
 from open_clip.timm_model import TimmModel
@@ -22,13 +22,15 @@ class TowerError(ValueError):
 class MaskedViT:
     """Runs a timm ViT inside open_clip's ``TimmModel`` with some patch embeddings masked.
 
-    The mask token is inserted by a forward hook on ``trunk.patch_embed``, so timm's own
-    ``forward_features`` runs unchanged (position embeddings, gradient checkpointing included).
+    The forward is timm's ``forward_features`` (patch embedding, position embedding, patch
+    dropout, pre-norm, blocks, final norm) with the mask token put in between the patch and the
+    position embeddings, and an optional number of leading blocks recomputed in backward.
     """
 
     def __init__(self, visual: nn.Module, piece: str = "ConLIP"):
         trunk = getattr(visual, "trunk", None)
-        if not isinstance(visual, TimmModel) or not hasattr(trunk, "patch_embed") or not hasattr(trunk, "forward_features"):
+        needed = ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "norm", "forward_head")
+        if not isinstance(visual, TimmModel) or not all(hasattr(trunk, n) for n in needed):
             raise TowerError(
                 f"{piece} needs a patch-token ViT image tower (open_clip's timm adapter around a timm "
                 f"VisionTransformer, vision_cfg.timm_model_name), got {type(visual).__name__}."
@@ -42,33 +44,31 @@ class MaskedViT:
         patch = trunk.patch_embed.patch_size
         self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
         self.width = int(trunk.embed_dim)
-        self._masked: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-        trunk.patch_embed.register_forward_hook(self._insert_mask_token)
 
     def grid_size(self, visual: nn.Module) -> Tuple[int, int]:
         h, w = visual.image_size
         return h // self.patch_size, w // self.patch_size
 
-    def _insert_mask_token(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-        if self._masked is None:
-            return output
-        patch_mask, token = self._masked
-        shape = output.shape[:-1] + (1,)
-        return torch.where(patch_mask.view(shape), token.to(output.dtype).view(-1), output)
+    @staticmethod
+    def tokens(visual: nn.Module, images: torch.Tensor, patch_mask: Optional[torch.Tensor] = None,
+               mask_token: Optional[torch.Tensor] = None, checkpoint_blocks: int = 0) -> torch.Tensor:
+        """(B, 1+N, D) final-norm token states; masked patches carry the mask token at the input.
 
-    @contextmanager
-    def _masking(self, patch_mask: Optional[torch.Tensor], token: Optional[torch.Tensor]) -> Iterator[None]:
-        self._masked = None if patch_mask is None else (patch_mask, token)
-        try:
-            yield
-        finally:
-            self._masked = None
-
-    def tokens(self, visual: nn.Module, images: torch.Tensor, patch_mask: Optional[torch.Tensor] = None,
-               mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, 1+N, D) final-norm token states; masked patches carry the mask token at the input."""
-        with self._masking(patch_mask, mask_token):
-            return visual.trunk.forward_features(images)
+        ``checkpoint_blocks`` leading blocks are recomputed in backward (all of them once
+        open_clip's ``--grad-checkpointing`` has been set on the tower).
+        """
+        trunk = visual.trunk
+        x = trunk.patch_embed(images)
+        if patch_mask is not None:
+            x = torch.where(patch_mask.view(x.shape[:-1] + (1,)), mask_token.to(x.dtype), x)
+        x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(x)))
+        recompute = len(trunk.blocks) if trunk.grad_checkpointing else checkpoint_blocks
+        for i, block in enumerate(trunk.blocks):
+            if i < recompute and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return trunk.norm(x)
 
     @staticmethod
     def embedding(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ BERT_BASE = {"architectures": ["BertModel"], "model_type": "bert", "vocab_size":
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def model_config(size: str, tokenizer_dir: str, workdir: Path) -> dict:
+def model_config(size: str, tokenizer_dir: str, workdir: Path, checkpoint_blocks: int) -> dict:
     """The registered config for this size, with random-init towers and local text files."""
     from open_clip.factory import get_model_config
 
@@ -52,6 +52,7 @@ def model_config(size: str, tokenizer_dir: str, workdir: Path) -> dict:
         cfg["conlip_cfg"]["text_weights"] = False
         cfg = resolve_config_paths(cfg, "conlip-vit-b16-bert")
     cfg["text_cfg"]["hf_model_pretrained"] = False
+    cfg["conlip_cfg"]["image_checkpoint_blocks"] = checkpoint_blocks
     return cfg
 
 
@@ -133,7 +134,9 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
                         help="autocast dtype (default: bf16 on a GPU, fp32 on CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
-    parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="open_clip's: every block of both models")
+    parser.add_argument("--image-checkpoint-blocks", type=int, default=0,
+                        help="ConLIP only: recompute this many leading ViT blocks in backward")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
@@ -165,7 +168,7 @@ def main() -> None:
         return torch.autocast(device.type, dtype=dtype)
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = model_config(args.size, tokenizer_dir, Path(tmp))
+        cfg = model_config(args.size, tokenizer_dir, Path(tmp), args.image_checkpoint_blocks)
         variants = build(cfg, device, args.seed)
     images, texts = fake_batch(cfg, batch, device, args.seed)
     peak = matmul_peak(device, dtype)
@@ -214,7 +217,8 @@ def main() -> None:
 
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {dev_name}; size {args.size}; batch {batch}; {precision}; compile {args.compile}; "
-          f"grad-ckpt {args.grad_checkpointing}; measured matmul peak {peak / 1e12:.1f} TFLOP/s")
+          f"grad-ckpt {args.grad_checkpointing}; ConLIP image blocks recomputed {args.image_checkpoint_blocks}; "
+          f"measured matmul peak {peak / 1e12:.1f} TFLOP/s")
     print(f"{'variant':<8} {'samples/s':>10} {'GFLOP/sample':>13} {'MFU':>6} {'peak GiB':>9} {'speed/CLIP':>11} {'FLOP/CLIP':>10}")
     for name, r in results.items():
         print(f"{name:<8} {r['samples_per_s']:>10.1f} {r['gflop_per_sample']:>13.2f} {r['mfu']:>6.3f} "
@@ -223,6 +227,7 @@ def main() -> None:
         args.json.write_text(json.dumps({"device": dev_name, "size": args.size, "batch": batch,
                                          "precision": precision, "compile": args.compile,
                                          "grad_checkpointing": args.grad_checkpointing,
+                                         "image_checkpoint_blocks": args.image_checkpoint_blocks,
                                          "matmul_peak_tflops": peak / 1e12, "results": results}, indent=2))
 
 
