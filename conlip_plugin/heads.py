@@ -1,5 +1,6 @@
 """ConMLM / ConMIM heads: non-causal self-attention over the queries, cross-attention to a
 memory, feed-forward (one BERT-like post-norm layer by default), plus their output maps."""
+import math
 from typing import Optional
 
 import torch
@@ -18,6 +19,8 @@ class Attention(nn.Module):
         kv_dim = kv_dim or dim
         self.heads = heads
         self.dropout = dropout
+        self.record_weights = False
+        self.last_weights: Optional[torch.Tensor] = None
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(kv_dim, dim)
         self.v = nn.Linear(kv_dim, dim)
@@ -31,8 +34,17 @@ class Attention(nn.Module):
         """``memory_mask``: (B, S) bool, True where a key may be attended to."""
         q, k, v = self._split(self.q(x)), self._split(self.k(memory)), self._split(self.v(memory))
         attn_mask = None if memory_mask is None else memory_mask[:, None, None, :]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
+        if self.record_weights:
+            # The explicit form, for analysis (paper Table 2): keeps the (B, heads, Q, S) weights.
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            weights = scores.softmax(dim=-1)
+            self.last_weights = weights.detach()
+            y = F.dropout(weights, self.dropout, self.training) @ v
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).flatten(2))
 
 
@@ -67,9 +79,19 @@ class ConditionedHead(nn.Module):
         self.layers = nn.ModuleList(ConditionedLayer(dim, memory_dim, heads, mlp_ratio, dropout) for _ in range(count))
         self.depth = layers
         self.grad_checkpointing = False
+        self.last_query_mask: Optional[torch.Tensor] = None
+
+    def record_cross_attention(self, enable: bool) -> None:
+        """Keep each layer's cross-attention weights (and the query mask) of the next forwards."""
+        for layer in self.layers:
+            layer.cross_attn.record_weights = enable
+            layer.cross_attn.last_weights = None
+        self.last_query_mask = None
 
     def forward(self, x: torch.Tensor, query_mask: Optional[torch.Tensor], memory: torch.Tensor,
                 memory_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.layers[0].cross_attn.record_weights:
+            self.last_query_mask = query_mask
         for i in range(self.depth):
             layer = self.layers[i % len(self.layers)]
             if self.grad_checkpointing and torch.is_grad_enabled():

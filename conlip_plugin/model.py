@@ -199,9 +199,22 @@ class ConLIP(CustomTextCLIP):
             return super().forward(image, text)
         return self.forward_train(image, text)
 
+    def _follow_input_size(self) -> None:
+        """After ``visual.set_input_size`` (open_clip's ``force_image_size``, e.g. fine-tuning at
+        336 from a 224 checkpoint), resize the momentum tower and the patch masker to match."""
+        online, momentum = self.visual.trunk.patch_embed, self.momentum_visual.trunk.patch_embed
+        if momentum.img_size != online.img_size:
+            self.momentum_visual.set_input_size(online.img_size)
+        masker = getattr(self, "patch_masker", None)
+        if masker is not None and masker.grid_size != self._vit.grid_size(self.visual):
+            cfg = self.conlip_cfg
+            self.patch_masker = PatchMasker(self._vit.grid_size(self.visual), self._vit.patch_size,
+                                            cfg.image_mask_ratio, cfg.image_mask_block)
+
     def forward_train(self, image: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:
         cfg, vit, bert = self.conlip_cfg, self._vit, self._bert
         b = image.shape[0]
+        self._follow_input_size()
         patch_mask = masked_ids = mlm_labels = None
 
         if cfg.masked_image_pass:  # passes (A) and (C) as one batch

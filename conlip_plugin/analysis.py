@@ -1,0 +1,58 @@
+"""How much the token-level heads attend to the other modality's instance slot (paper Table 2).
+
+ConLIP's claim is mechanistic: conditioning the heads on the complete image's (text's) CLS makes
+them use it. This measures, over real batches, the cross-attention weight from the masked text's
+tokens to memory slot 0 (the image CLS) in the ConMLM head, and from the masked image's patches
+to slot 0 (the text CLS) in the ConMIM head. Slot 0 is the complete other modality's CLS for
+ConLIP and Vanilla alike, so their numbers compare directly.
+"""
+from typing import Dict, Iterable, List, Tuple
+
+import torch
+
+from .model import ConLIP
+
+
+def _instance_slot_weights(weights: torch.Tensor, valid_queries: torch.Tensor) -> torch.Tensor:
+    """Weights (B, heads, Q, S) on slot 0, for the valid queries only, flattened."""
+    slot = weights[..., 0]
+    keep = valid_queries[:, None, :].expand_as(slot)
+    return slot[keep].double()
+
+
+@torch.no_grad()
+def instance_slot_attention(model: ConLIP, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> Dict[str, dict]:
+    """Mean and standard deviation of the cross-attention weight on the instance slot.
+
+    Runs the training forward (masking, both heads) without dropout, leaving the momentum
+    encoders and queues as they were; per layer of each head (a shared layer applied twice
+    reports the last application), over every valid query of every batch.
+    """
+    heads = {name: getattr(model, f"{name}_head") for name in ("mlm", "mim") if hasattr(model, f"{name}_head")}
+    if not heads:
+        raise ValueError("this model has no token-level heads (a CL model): nothing to analyse")
+    was_training, pending = model.training, model._pending_keys
+    model.eval()
+    samples: Dict[str, List[torch.Tensor]] = {}
+    for head in heads.values():
+        head.record_cross_attention(True)
+    try:
+        for images, texts in batches:
+            model.forward_train(images, texts)
+            for name, head in heads.items():
+                for i, layer in enumerate(head.layers):
+                    w = layer.cross_attn.last_weights
+                    valid = head.last_query_mask
+                    if valid is None:
+                        valid = torch.ones(w.shape[0], w.shape[2], dtype=torch.bool, device=w.device)
+                    samples.setdefault(f"{name}_layer{i}", []).append(_instance_slot_weights(w, valid))
+    finally:
+        for head in heads.values():
+            head.record_cross_attention(False)
+        model._pending_keys = pending
+        model.train(was_training)
+    out = {}
+    for key, parts in samples.items():
+        values = torch.cat(parts)
+        out[key] = {"mean": values.mean().item(), "std": values.std(unbiased=False).item(), "count": values.numel()}
+    return out

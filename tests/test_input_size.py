@@ -1,0 +1,27 @@
+"""Fine-tuning at another image size (open_clip's force_image_size) from a ConLIP checkpoint."""
+import json
+
+import open_clip
+import torch
+
+
+def test_force_image_size_resizes_momentum_tower_and_masker(tmp_path):
+    cfg = open_clip.get_model_config("conlip-tiny")
+    # A ViT with fixed-size position embeddings (test_vit resamples them on the fly).
+    cfg["vision_cfg"].update(timm_model_name="vit_tiny_patch16_224", image_size=224)
+    cfg["embed_dim"] = 192
+    cfg["text_cfg"]["hf_proj_type"] = "linear"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "conlip-test-fixed-pos.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "configs")
+
+    base = open_clip.create_model("conlip-test-fixed-pos")
+    torch.save({"state_dict": base.state_dict()}, tmp_path / "ckpt.pt")
+    model = open_clip.create_model("conlip-test-fixed-pos", pretrained=str(tmp_path / "ckpt.pt"), force_image_size=96)
+    assert model.visual.trunk.pos_embed.shape[1] == 1 + 6 * 6
+    model.train()
+    ids = open_clip.get_tokenizer("conlip-test-fixed-pos")(["a red square", "a blue bar"])
+    out = model(torch.randn(2, 3, 96, 96), ids)
+    assert model.momentum_visual.trunk.pos_embed.shape == model.visual.trunk.pos_embed.shape
+    assert model.patch_masker.grid_size == (6, 6)
+    assert out["mim_targets"].shape == (2 * 18, 16 * 16 * 3)
