@@ -68,6 +68,24 @@ def load_image_tower_weights(visual: nn.Module, path: str) -> None:
     logging.info("ConLIP: loaded image tower weights from %s", path)
 
 
+def _adopt_checkpoint_image_size(module: "ConLIP", state_dict: dict, prefix: str, *args) -> None:
+    """A checkpoint fine-tuned at another image size (e.g. 336) carries its position embeddings:
+    resize each image tower to them before loading, so that the checkpoint loads as it was
+    trained (open_clip 3.3 resizes position embeddings of its own ViT only, not of timm towers)."""
+    for name in ("visual", "momentum_visual"):
+        tower = getattr(module, name)
+        trunk = tower.trunk
+        saved = state_dict.get(f"{prefix}{name}.trunk.pos_embed")
+        current = getattr(trunk, "pos_embed", None)
+        if saved is None or current is None or saved.shape == current.shape:
+            continue
+        patches = saved.shape[1] - (0 if getattr(trunk, "no_embed_class", False) else trunk.num_prefix_tokens)
+        side = math.isqrt(patches)
+        if side * side == patches:
+            logging.info("ConLIP: %s was saved at image size %d; resizing it to match", name, side * module._vit.patch_size)
+            tower.set_input_size(side * module._vit.patch_size)
+
+
 class ConLIP(CustomTextCLIP):
     def __init__(
             self,
@@ -116,6 +134,7 @@ class ConLIP(CustomTextCLIP):
         ]
         self._pending_keys: Optional[tuple] = None
         self._register_step_hook()
+        self.register_load_state_dict_pre_hook(_adopt_checkpoint_image_size)
 
     def _build_masking_and_heads(self, cfg: ConLIPCfg, tokenizer_dir: str) -> None:
         vit, bert = self._vit, self._bert

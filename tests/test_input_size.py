@@ -25,3 +25,26 @@ def test_force_image_size_resizes_momentum_tower_and_masker(tmp_path):
     assert model.momentum_visual.trunk.pos_embed.shape == model.visual.trunk.pos_embed.shape
     assert model.patch_masker.grid_size == (6, 6)
     assert out["mim_targets"].shape == (2 * 18, 16 * 16 * 3)
+
+
+def test_checkpoint_fine_tuned_at_another_size_loads_at_that_size(tmp_path):
+    cfg = open_clip.get_model_config("conlip-tiny")
+    cfg["vision_cfg"].update(timm_model_name="vit_tiny_patch16_224", image_size=224)
+    cfg["embed_dim"] = 192
+    cfg["text_cfg"]["hf_proj_type"] = "linear"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "conlip-test-fixed-pos2.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "configs")
+
+    tuned = open_clip.create_model("conlip-test-fixed-pos2", force_image_size=96)
+    ids = open_clip.get_tokenizer("conlip-test-fixed-pos2")(["a red square", "a blue bar"])
+    tuned.train()(torch.randn(2, 3, 96, 96), ids)  # the first training step resizes the momentum tower
+    torch.save({"epoch": 1, "state_dict": tuned.state_dict()}, tmp_path / "tuned.pt")
+    # As clip_benchmark loads it: no force_image_size, the checkpoint decides.
+    model, _, preprocess = open_clip.create_model_and_transforms("conlip-test-fixed-pos2",
+                                                                 pretrained=str(tmp_path / "tuned.pt"))
+    assert model.visual.image_size == (96, 96) and model.momentum_visual.trunk.pos_embed.shape[1] == 37
+    assert torch.equal(model.visual.trunk.pos_embed, tuned.visual.trunk.pos_embed)
+    image = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.allclose(model.eval().encode_image(image), tuned.eval().encode_image(image), atol=1e-5)

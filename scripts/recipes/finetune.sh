@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Paper fine-tuning at image size 336 from a pre-training checkpoint (position embeddings are
+# resized by open_clip's --force-image-size; ConLIP's momentum tower and masker follow).
+#   DATASET=flickr30k|mscoco PRETRAINED=logs/pretrain-conlip/checkpoints/epoch_30.pt \
+#   DATA='/data/flickr30k/train/shard-{000000..000144}.tar' bash finetune.sh
+# DATA names shards written by `scripts/prepare_retrieval_data.py train-shards`; the sample
+# count is read from the sizes.json beside them.
+set -euo pipefail
+: "${DATASET:?flickr30k or mscoco}" "${PRETRAINED:?a pre-training checkpoint}" "${DATA:?a brace pattern of train shards}"
+VARIANT=${VARIANT:-conlip}; NPROC=${NPROC:-8}; BATCH_PER_GPU=${BATCH_PER_GPU:-$((4096 / NPROC))}; EPOCHS=${EPOCHS:-30}
+case "$VARIANT" in conlip) model=conlip-vit-b16-bert ;; *) model=conlip-vit-b16-bert-$VARIANT ;; esac
+NUM_SAMPLES=$(python3 -c "import json,sys; print(sum(json.load(open(sys.argv[1])).values()))" "$(dirname "$DATA")/sizes.json")
+source "$(dirname "$0")/common.sh"
+exec torchrun --nproc_per_node "$NPROC" -m open_clip_train.main --model "$model" --pretrained "$PRETRAINED" \
+  --force-image-size 336 --train-data "$DATA" --dataset-type webdataset --train-num-samples "$NUM_SAMPLES" \
+  --batch-size "$BATCH_PER_GPU" --workers "${WORKERS:-8}" "${PAPER_OPTIM[@]}" "${VIT_NORM[@]}" \
+  --save-frequency 1 --name "${NAME:-finetune-$DATASET-$VARIANT}" --resume latest "$@"
