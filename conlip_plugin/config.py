@@ -4,7 +4,7 @@ import os
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 VARIANTS = ("conlip", "vanilla", "cl")
 INSTANCE_LOSSES = ("dcl", "infonce")
@@ -31,7 +31,7 @@ class ConLIPCfg:
     text_random_token_prob: float = 0.1
     head_layers: int = 1
     head_shared: bool = False
-    head_heads: int = 12
+    head_heads: Optional[int] = None
     head_mlp_ratio: float = 4.0
     head_dropout: float = 0.1
     image_weights: Optional[str] = None
@@ -67,6 +67,7 @@ class ConLIPCfg:
             "text_mask_token_prob + text_random_token_prob must be within [0, 1]",
         )
         need(self.head_layers >= 1, "head_layers must be >= 1")
+        need(self.head_heads is None or self.head_heads >= 1, "head_heads must be >= 1 (or null: width / 64)")
         need(self.image_checkpoint_blocks >= 0, "image_checkpoint_blocks is a count of ViT blocks (0: none)")
         need(self.variant == "cl" or self.conmlm or self.conmim,
              "variant 'conlip'/'vanilla' needs conmlm or conmim (use variant 'cl' for neither)")
@@ -82,6 +83,13 @@ class ConLIPCfg:
     @property
     def mim(self) -> bool:
         return self.uses_heads and self.conmim
+
+    def heads_for(self, width: int) -> int:
+        """Attention heads of a head of this width: as configured, else BERT's 64 dims per head."""
+        return self.head_heads or max(1, width // 64)
+
+    def head_pieces(self) -> str:
+        return " and ".join(name for name, on in (("ConMLM", self.mlm), ("ConMIM", self.mim)) if on)
 
     @property
     def masked_image_pass(self) -> bool:
@@ -100,6 +108,36 @@ class ConLIPCfg:
             "mlm": f"{prefix}mlm_loss",
             "mim": f"{prefix}mim_loss",
         }
+
+
+WRAP_SEPARATOR = "+"
+# ``BASE+SUFFIX`` model names: ConLIP's pieces on any open_clip model config, one switch each.
+WRAP_SUFFIXES = {
+    "conlip-cl": {"variant": "cl"},
+    "conlip-mlm": {"variant": "conlip", "conmim": False},
+    "conlip-mim": {"variant": "conlip", "conmlm": False},
+    "conlip": {"variant": "conlip"},
+    "conlip-vanilla": {"variant": "vanilla"},
+}
+
+
+def wrapped_config(model_name: str, lookup: Callable[[str], Optional[dict]]) -> Optional[dict]:
+    """The config for ``BASE+conlip[-cl|-mlm|-mim|-vanilla]``: BASE's towers plus a ``conlip_cfg``
+    with the paper's defaults; None if the name has no such suffix or BASE is unknown."""
+    base_name, sep, suffix = model_name.rpartition(WRAP_SEPARATOR)
+    if not sep or suffix not in WRAP_SUFFIXES:
+        return None
+    base = lookup(base_name)
+    if base is None:
+        raise KeyError(f"{model_name}: base model config {base_name!r} is not registered with open_clip.")
+    if is_conlip_config(base):
+        raise ValueError(f"{model_name}: {base_name!r} is already a ConLIP config; use it directly.")
+    cfg = dict(base)
+    if "hf_model_name" not in cfg.get("text_cfg", {}):
+        # ConLIP reads token states from open_clip's text transformer as a module of its own.
+        cfg["custom_text"] = True
+    cfg["conlip_cfg"] = dict(WRAP_SUFFIXES[suffix])
+    return cfg
 
 
 def _package_dir(name: str) -> Path:

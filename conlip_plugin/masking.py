@@ -1,5 +1,5 @@
 """Masking on device, inside the forward: BERT-style text masking and SimMIM-style patch masking."""
-from typing import Iterable, Tuple
+from typing import Iterable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -10,7 +10,9 @@ IGNORE_INDEX = -100
 class TextMasker(nn.Module):
     """Masks ``ratio`` of each caption's non-special tokens (at least one), 80/10/10 by default.
 
-    Returns the corrupted ids and MLM labels (the original id at chosen positions, -100 elsewhere).
+    Returns the corrupted ids, MLM labels (the original id at chosen positions, -100 elsewhere)
+    and where the mask token goes. With ``mask_token_id`` None (a vocabulary without one, e.g.
+    CLIP's BPE) those positions keep their id and the tower puts a learned mask embedding there.
     Random replacements are drawn from the non-special vocabulary, so a corrupted caption keeps
     its padding (and so its attention mask) unchanged.
     """
@@ -18,14 +20,15 @@ class TextMasker(nn.Module):
     def __init__(
             self,
             vocab_size: int,
-            mask_token_id: int,
+            mask_token_id: Optional[int],
             special_ids: Iterable[int],
             ratio: float = 0.15,
             mask_token_prob: float = 0.8,
             random_token_prob: float = 0.1,
     ):
         super().__init__()
-        special = torch.tensor(sorted(set(int(i) for i in special_ids) | {mask_token_id}))
+        special = set(int(i) for i in special_ids) | ({mask_token_id} if mask_token_id is not None else set())
+        special = torch.tensor(sorted(special))
         allowed = torch.ones(vocab_size, dtype=torch.bool)
         allowed[special] = False
         self.register_buffer("special_ids", special, persistent=False)
@@ -48,16 +51,18 @@ class TextMasker(nn.Module):
         rank = scores.argsort(dim=1).argsort(dim=1)
         return rank < k
 
-    def forward(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         chosen = self.choose(ids)
         labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX))
         u = torch.rand(ids.shape, device=ids.device)
         to_mask = chosen & (u < self.mask_token_prob)
         to_random = chosen & (u >= self.mask_token_prob) & (u < self.mask_token_prob + self.random_token_prob)
         pick = torch.randint(len(self.replacement_ids), ids.shape, device=ids.device)
-        corrupted = torch.where(to_mask, torch.full_like(ids, self.mask_token_id), ids)
+        corrupted = ids
+        if self.mask_token_id is not None:
+            corrupted = torch.where(to_mask, torch.full_like(ids, self.mask_token_id), ids)
         corrupted = torch.where(to_random, self.replacement_ids[pick], corrupted)
-        return corrupted, labels
+        return corrupted, labels, to_mask
 
 
 class PatchMasker(nn.Module):

@@ -23,12 +23,13 @@ from .config import ConLIPCfg
 from .heads import ConditionedHead, MLMPredictionHead, init_head_weights
 from .masking import IGNORE_INDEX, PatchMasker, TextMasker, patchify
 from .momentum import FeatureQueue, ema_update_, gather_keys, momentum_copy
-from .towers import BertTokens, MaskedViT
+from .towers import TimmViTTokens, TowerError, image_tokens_for, text_tokens_for
 
 TRAINING_ONLY_PREFIXES = (
-    "momentum_visual.", "momentum_text.", "image_queue.", "text_queue.", "image_mask_token",
+    "momentum_visual.", "momentum_text.", "image_queue.", "text_queue.", "image_mask_token", "text_mask_token",
     "mlm_head.", "mlm_predictor.", "mim_head.", "mim_predictor.",
 )
+MOMENTUM_TWINS = (("momentum_visual.", "visual."), ("momentum_text.", "text."))
 
 
 def _require_dir(path: Optional[str], what: str) -> str:
@@ -72,6 +73,8 @@ def _adopt_checkpoint_image_size(module: "ConLIP", state_dict: dict, prefix: str
     """A checkpoint fine-tuned at another image size (e.g. 336) carries its position embeddings:
     resize each image tower to them before loading, so that the checkpoint loads as it was
     trained (open_clip 3.3 resizes position embeddings of its own ViT only, not of timm towers)."""
+    if not hasattr(getattr(module.visual, "trunk", None), "patch_embed"):
+        return  # not a timm ViT: open_clip resizes its own ViT's position embeddings itself
     for name in ("visual", "momentum_visual"):
         tower = getattr(module, name)
         trunk = tower.trunk
@@ -82,8 +85,31 @@ def _adopt_checkpoint_image_size(module: "ConLIP", state_dict: dict, prefix: str
         patches = saved.shape[1] - (0 if getattr(trunk, "no_embed_class", False) else trunk.num_prefix_tokens)
         side = math.isqrt(patches)
         if side * side == patches:
-            logging.info("ConLIP: %s was saved at image size %d; resizing it to match", name, side * module._vit.patch_size)
-            tower.set_input_size(side * module._vit.patch_size)
+            patch = trunk.patch_embed.patch_size
+            size = side * int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+            logging.info("ConLIP: %s was saved at image size %d; resizing it to match", name, size)
+            tower.set_input_size(size)
+
+
+def _complete_plain_weights(module: "ConLIP", state_dict: dict, prefix: str, *args) -> None:
+    """Plain open_clip weights (no momentum encoders, queues or heads): the momentum encoders start
+    as copies of the loaded towers, the heads and queues as initialised, and the temperature stays
+    ConLIP's (a CLIP checkpoint's learned ``logit_scale`` is not τ)."""
+    if any(k.startswith(prefix + "momentum_") for k in state_dict):
+        return
+    if not any(k.startswith(prefix + "visual.") for k in state_dict):
+        return
+    own = module.state_dict()
+    for key, value in own.items():
+        if not key.startswith(TRAINING_ONLY_PREFIXES):
+            continue
+        twin = next((key.replace(m, o, 1) for m, o in MOMENTUM_TWINS if key.startswith(m)), None)
+        if twin is not None and prefix + twin in state_dict:
+            state_dict[prefix + key] = state_dict[prefix + twin].clone()
+        else:
+            state_dict[prefix + key] = value
+    state_dict[prefix + "logit_scale"] = own["logit_scale"]
+    logging.info("ConLIP: loaded plain open_clip weights; momentum encoders copied from them, heads and queues fresh")
 
 
 class ConLIP(CustomTextCLIP):
@@ -104,11 +130,14 @@ class ConLIP(CustomTextCLIP):
         if init_logit_bias is not None:
             raise ValueError("ConLIP has no logit bias: its instance loss is DCL/InfoNCE, not SigLIP.")
         text_cfg = dict(text_cfg)
-        _require_dir(text_cfg.get("hf_model_name"), "text_cfg.hf_model_name")
-        _require_dir(text_cfg.get("hf_tokenizer_name"), "text_cfg.hf_tokenizer_name")
+        is_hf = "hf_model_name" in text_cfg
+        if is_hf:
+            _require_dir(text_cfg.get("hf_model_name"), "text_cfg.hf_model_name")
+            _require_dir(text_cfg.get("hf_tokenizer_name"), "text_cfg.hf_tokenizer_name")
         # create_model clears hf_model_pretrained when a full checkpoint will be loaded afterwards.
         load_tower_weights = bool(text_cfg.get("hf_model_pretrained", True))
-        text_cfg["hf_model_pretrained"] = load_tower_weights and cfg.text_weights
+        if is_hf:
+            text_cfg["hf_model_pretrained"] = load_tower_weights and cfg.text_weights
         super().__init__(
             embed_dim, vision_cfg, text_cfg, quick_gelu=quick_gelu,
             init_logit_scale=math.log(1.0 / cfg.temperature), nonscalar_logit_scale=nonscalar_logit_scale,
@@ -122,11 +151,15 @@ class ConLIP(CustomTextCLIP):
         # Momentum copies come after the pretrained weights are in.
         self.momentum_visual = momentum_copy(self.visual)
         self.momentum_text = momentum_copy(self.text)
-        self._vit = MaskedViT(self.visual)
-        self._bert = BertTokens(self.text)
+        # Token-level access is needed by the heads only; CL uses the towers' own forwards.
+        pieces = cfg.head_pieces()
+        self._image_tokens = image_tokens_for(self.visual, pieces) if cfg.uses_heads else None
+        self._text_tokens = text_tokens_for(self.text, pieces) if cfg.uses_heads else None
+        if cfg.image_checkpoint_blocks and not isinstance(self._image_tokens, TimmViTTokens):
+            raise TowerError("conlip_cfg.image_checkpoint_blocks needs a timm ViT; use --grad-checkpointing instead.")
         self.image_queue = FeatureQueue(cfg.queue_size, embed_dim)
         self.text_queue = FeatureQueue(cfg.queue_size, embed_dim)
-        self._build_masking_and_heads(cfg, text_cfg["hf_tokenizer_name"])
+        self._build_masking_and_heads(cfg, text_cfg)
 
         self._ddp_params_and_buffers_to_ignore = [
             n for n, _ in list(self.named_parameters()) + list(self.named_buffers())
@@ -135,32 +168,32 @@ class ConLIP(CustomTextCLIP):
         self._pending_keys: Optional[tuple] = None
         self._register_step_hook()
         self.register_load_state_dict_pre_hook(_adopt_checkpoint_image_size)
+        self.register_load_state_dict_pre_hook(_complete_plain_weights)
 
-    def _build_masking_and_heads(self, cfg: ConLIPCfg, tokenizer_dir: str) -> None:
-        vit, bert = self._vit, self._bert
+    def _build_masking_and_heads(self, cfg: ConLIPCfg, text_cfg: dict) -> None:
+        vit, txt = self._image_tokens, self._text_tokens
         if cfg.masked_image_pass:
             self.image_mask_token = nn.Parameter(torch.zeros(vit.width))
             nn.init.trunc_normal_(self.image_mask_token, std=0.02)
             self.patch_masker = PatchMasker(
                 vit.grid_size(self.visual), vit.patch_size, cfg.image_mask_ratio, cfg.image_mask_block)
         if cfg.masked_text_pass:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-            if tok.mask_token_id is None:
-                raise ValueError(f"ConMLM needs a tokenizer with a [MASK] token; {tokenizer_dir} has none.")
+            mask_id, special_ids = txt.masking_ids(text_cfg, "ConMLM")
+            if txt.learned_mask:
+                self.text_mask_token = nn.Parameter(torch.zeros(txt.width))
+                nn.init.trunc_normal_(self.text_mask_token, std=0.02)
             self.text_masker = TextMasker(
-                self.text.config.vocab_size, tok.mask_token_id, tok.all_special_ids, cfg.text_mask_ratio,
+                txt.vocab_size, mask_id, special_ids, cfg.text_mask_ratio,
                 cfg.text_mask_token_prob, cfg.text_random_token_prob)
-        head_kw = dict(heads=cfg.head_heads, layers=cfg.head_layers, shared=cfg.head_shared,
-                       mlp_ratio=cfg.head_mlp_ratio, dropout=cfg.head_dropout)
+        head_kw = dict(layers=cfg.head_layers, shared=cfg.head_shared, mlp_ratio=cfg.head_mlp_ratio,
+                       dropout=cfg.head_dropout)
         if cfg.mlm:
-            self.mlm_head = ConditionedHead(bert.width, vit.width, **head_kw)
-            self.mlm_predictor = MLMPredictionHead(bert.width, self.text.config.vocab_size)
+            self.mlm_head = ConditionedHead(txt.width, vit.width, cfg.heads_for(txt.width), **head_kw)
+            self.mlm_predictor = MLMPredictionHead(txt.width, txt.vocab_size)
             self.mlm_head.apply(init_head_weights)
             self.mlm_predictor.apply(init_head_weights)
         if cfg.mim:
-            self.mim_head = ConditionedHead(vit.width, bert.width, **head_kw)
+            self.mim_head = ConditionedHead(vit.width, txt.width, cfg.heads_for(vit.width), **head_kw)
             self.mim_predictor = nn.Linear(vit.width, vit.patch_size * vit.patch_size * 3)
             self.mim_head.apply(init_head_weights)
             self.mim_predictor.apply(init_head_weights)
@@ -221,17 +254,19 @@ class ConLIP(CustomTextCLIP):
     def _follow_input_size(self) -> None:
         """After ``visual.set_input_size`` (open_clip's ``force_image_size``, e.g. fine-tuning at
         336 from a 224 checkpoint), resize the momentum tower and the patch masker to match."""
-        online, momentum = self.visual.trunk.patch_embed, self.momentum_visual.trunk.patch_embed
-        if momentum.img_size != online.img_size:
-            self.momentum_visual.set_input_size(online.img_size)
+        if hasattr(self.visual, "trunk") and hasattr(self.visual.trunk, "patch_embed"):
+            online, momentum = self.visual.trunk.patch_embed, self.momentum_visual.trunk.patch_embed
+            if momentum.img_size != online.img_size:
+                self.momentum_visual.set_input_size(online.img_size)
         masker = getattr(self, "patch_masker", None)
-        if masker is not None and masker.grid_size != self._vit.grid_size(self.visual):
+        grid = masker and self._image_tokens.grid_size(self.visual)
+        if masker is not None and masker.grid_size != grid:
             cfg = self.conlip_cfg
-            self.patch_masker = PatchMasker(self._vit.grid_size(self.visual), self._vit.patch_size,
-                                            cfg.image_mask_ratio, cfg.image_mask_block)
+            self.patch_masker = PatchMasker(grid, self._image_tokens.patch_size, cfg.image_mask_ratio,
+                                            cfg.image_mask_block)
 
     def forward_train(self, image: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:
-        cfg, vit, bert = self.conlip_cfg, self._vit, self._bert
+        cfg, vit, txt = self.conlip_cfg, self._image_tokens, self._text_tokens
         b = image.shape[0]
         self._follow_input_size()
         patch_mask = masked_ids = mlm_labels = None
@@ -242,23 +277,29 @@ class ConLIP(CustomTextCLIP):
                               torch.cat([torch.zeros_like(patch_mask), patch_mask]), self.image_mask_token,
                               cfg.image_checkpoint_blocks)
             image_tokens, masked_image_tokens = both[:b], both[b:]
-        else:
+        elif cfg.uses_heads:
             image_tokens = vit.tokens(self.visual, image, checkpoint_blocks=cfg.image_checkpoint_blocks)
         if cfg.masked_text_pass:  # passes (B) and (D) as one batch
-            masked_ids, mlm_labels = self.text_masker(text)
-            both = bert.tokens(self.text, torch.cat([text, masked_ids]))
+            masked_ids, mlm_labels, to_mask = self.text_masker(text)
+            embed_mask = torch.cat([torch.zeros_like(to_mask), to_mask]) if txt.learned_mask else None
+            both = txt.tokens(self.text, torch.cat([text, masked_ids]), embed_mask, getattr(self, "text_mask_token", None))
             text_tokens, masked_text_tokens = both[:b], both[b:]
-        else:
-            text_tokens = bert.tokens(self.text, text)
+        elif cfg.uses_heads:
+            text_tokens = txt.tokens(self.text, text)
 
         with torch.no_grad():
             image_keys = gather_keys(F.normalize(self.momentum_visual(image).float(), dim=-1))
             text_keys = gather_keys(F.normalize(self.momentum_text(text).float(), dim=-1))
         self._pending_keys = (image_keys, text_keys)
 
+        if cfg.uses_heads:
+            image_embedding = vit.embedding(self.visual, image_tokens)
+            text_embedding = txt.embedding(self.text, text_tokens, text)
+        else:
+            image_embedding, text_embedding = self.visual(image), self.text(text)
         out = {
-            "image_features": F.normalize(vit.embedding(self.visual, image_tokens), dim=-1),
-            "text_features": F.normalize(bert.embedding(self.text, text_tokens), dim=-1),
+            "image_features": F.normalize(image_embedding, dim=-1),
+            "text_features": F.normalize(text_embedding, dim=-1),
             "logit_scale": self.logit_scale.exp(),
             "image_momentum_features": image_keys,
             "text_momentum_features": text_keys,
@@ -270,18 +311,16 @@ class ConLIP(CustomTextCLIP):
             # ConLIP: [complete image's CLS (A, with gradient) ; masked image's patches (C)].
             memory = (torch.cat([image_tokens[:, :1], masked_image_tokens[:, 1:]], dim=1)
                       if conditioned else image_tokens)
-            states = self.mlm_head(masked_text_tokens, bert.attention_mask(masked_ids), memory)
+            states = self.mlm_head(masked_text_tokens, txt.attention_mask(masked_ids), memory)
             selected = mlm_labels != IGNORE_INDEX
             out["mlm_logits"] = self.mlm_predictor(states[selected])
             out["mlm_labels"] = mlm_labels[selected]
         if cfg.mim:
-            # ConLIP: [complete text's CLS (B, with gradient) ; masked text's tokens (D)].
+            # ConLIP: [complete text's instance state (B, with gradient) ; masked text's tokens (D)].
             if conditioned:
-                memory = torch.cat([text_tokens[:, :1], masked_text_tokens[:, 1:]], dim=1)
-                memory_mask = torch.cat([torch.ones_like(masked_ids[:, :1], dtype=torch.bool),
-                                         bert.attention_mask(masked_ids)[:, 1:]], dim=1)
+                memory, memory_mask = txt.conditioned_memory(self.text, text_tokens, text, masked_text_tokens, masked_ids)
             else:
-                memory, memory_mask = text_tokens, bert.attention_mask(text)
+                memory, memory_mask = text_tokens, txt.attention_mask(text)
             states = self.mim_head(masked_image_tokens[:, 1:], None, memory, memory_mask)
             out["mim_predictions"] = self.mim_predictor(states[patch_mask])
             out["mim_targets"] = patchify(image, vit.patch_size)[patch_mask]

@@ -1,11 +1,20 @@
 """Token-level access to open_clip's towers: masked image tokens and text token states.
 
-ConLIP needs, from each tower, every token state (not only the pooled embedding) and, for the
-image tower, a learned mask token that replaces masked patch embeddings *before* position
-embeddings are added (SimMIM). These adapters reuse the towers' own modules, so the instance
-embedding computed here is exactly what ``encode_image`` / ``encode_text`` return (a test checks).
+ConLIP needs, from each tower, every token state (not only the pooled embedding), a learned mask
+token that replaces masked patch embeddings *before* position embeddings are added (SimMIM), and
+the tower's own instance embedding. One adapter per tower family, all with the same interface;
+each reuses the tower's own modules, so the instance embedding computed here is exactly what
+``encode_image`` / ``encode_text`` return (tests check this for every family).
+
+What "the instance embedding" and "the mask token" are, per family:
+- timm ViT (``vision_cfg.timm_model_name``, ``timm_pool: token``) and open_clip's ViT (``pool_type:
+  tok``): the CLS state after the final norm (then the tower's projection); a learned mask token.
+- Hugging Face encoders (BERT-like, CLS first): the CLS state; the tokenizer's [MASK] token.
+- open_clip's causal text transformer (CLIP BPE): the pooled end-of-text state (its own
+  ``pool_type``) before the projection; the BPE vocabulary has no mask token, so masked tokens get a
+  learned mask embedding in place of their token embedding (positions are kept).
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -13,34 +22,32 @@ from torch.utils.checkpoint import checkpoint
 
 from open_clip.hf_model import ClsLastHiddenStatePooler, HFTextEncoder
 from open_clip.timm_model import TimmModel
+from open_clip.transformer import TextTransformer, VisionTransformer, text_global_pool
 
 
 class TowerError(ValueError):
     pass
 
 
-class MaskedViT:
-    """Runs a timm ViT inside open_clip's ``TimmModel`` with some patch embeddings masked.
+def _where_masked(x: torch.Tensor, mask: Optional[torch.Tensor], token: Optional[torch.Tensor]) -> torch.Tensor:
+    if mask is None:
+        return x
+    return torch.where(mask.view(x.shape[:-1] + (1,)), token.to(x.dtype), x)
 
-    The forward is timm's ``forward_features`` (patch embedding, position embedding, patch
-    dropout, pre-norm, blocks, final norm) with the mask token put in between the patch and the
-    position embeddings, and an optional number of leading blocks recomputed in backward.
-    """
 
-    def __init__(self, visual: nn.Module, piece: str = "ConLIP"):
-        trunk = getattr(visual, "trunk", None)
+class TimmViTTokens:
+    """A timm ViT inside open_clip's ``TimmModel``: timm's ``forward_features`` with the mask token
+    put between the patch and the position embeddings, and optionally some blocks recomputed."""
+
+    def __init__(self, visual: nn.Module, piece: str):
+        trunk = visual.trunk
         needed = ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "norm", "forward_head")
-        if not isinstance(visual, TimmModel) or not all(hasattr(trunk, n) for n in needed):
-            raise TowerError(
-                f"{piece} needs a patch-token ViT image tower (open_clip's timm adapter around a timm "
-                f"VisionTransformer, vision_cfg.timm_model_name), got {type(visual).__name__}."
-            )
+        if not all(hasattr(trunk, n) for n in needed):
+            raise TowerError(f"{piece} needs a timm VisionTransformer trunk, got {type(trunk).__name__}.")
         if getattr(trunk, "num_prefix_tokens", 0) != 1 or getattr(trunk, "cls_token", None) is None:
             raise TowerError(f"{piece} needs a ViT with exactly one CLS token and no register tokens.")
         if getattr(trunk, "global_pool", None) != "token" or getattr(trunk, "attn_pool", None) is not None:
-            raise TowerError(
-                f"{piece}'s image instance embedding is the CLS state: set vision_cfg.timm_pool to 'token'."
-            )
+            raise TowerError(f"{piece}'s image instance embedding is the CLS state: set vision_cfg.timm_pool to 'token'.")
         patch = trunk.patch_embed.patch_size
         self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
         self.width = int(trunk.embed_dim)
@@ -52,15 +59,10 @@ class MaskedViT:
     @staticmethod
     def tokens(visual: nn.Module, images: torch.Tensor, patch_mask: Optional[torch.Tensor] = None,
                mask_token: Optional[torch.Tensor] = None, checkpoint_blocks: int = 0) -> torch.Tensor:
-        """(B, 1+N, D) final-norm token states; masked patches carry the mask token at the input.
-
-        ``checkpoint_blocks`` leading blocks are recomputed in backward (all of them once
-        open_clip's ``--grad-checkpointing`` has been set on the tower).
-        """
+        """(B, 1+N, D) final-norm token states; ``checkpoint_blocks`` leading blocks are recomputed
+        in backward (all of them once open_clip's ``--grad-checkpointing`` is set on the tower)."""
         trunk = visual.trunk
-        x = trunk.patch_embed(images)
-        if patch_mask is not None:
-            x = torch.where(patch_mask.view(x.shape[:-1] + (1,)), mask_token.to(x.dtype), x)
+        x = _where_masked(trunk.patch_embed(images), patch_mask, mask_token)
         x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(x)))
         recompute = len(trunk.blocks) if trunk.grad_checkpointing else checkpoint_blocks
         for i, block in enumerate(trunk.blocks):
@@ -72,18 +74,58 @@ class MaskedViT:
 
     @staticmethod
     def embedding(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        """The tower's pooled, projected output, computed from its token states."""
         return visual.head(visual.trunk.forward_head(tokens))
 
 
-class BertTokens:
-    """Token states and the CLS instance embedding of open_clip's Hugging Face text tower."""
+class OpenClipViTTokens:
+    """open_clip's own ``VisionTransformer`` (CLS pooling, norm before pooling)."""
 
-    def __init__(self, text: nn.Module, piece: str = "ConLIP"):
-        if not isinstance(text, HFTextEncoder):
+    def __init__(self, visual: VisionTransformer, piece: str):
+        if visual.attn_pool is not None or visual.final_ln_after_pool or visual.pool_type != "tok":
             raise TowerError(
-                f"{piece} needs a Hugging Face text tower (text_cfg.hf_model_name), got {type(text).__name__}."
+                f"{piece} needs the ViT's instance embedding to be its CLS state: open_clip's ViT with "
+                f"pool_type 'tok', no attentional pooling and final_ln_after_pool false."
             )
+        self.patch_size = int(visual.patch_size[0])
+        self.width = int(visual.conv1.out_channels)
+
+    @staticmethod
+    def grid_size(visual: nn.Module) -> Tuple[int, int]:
+        return tuple(visual.grid_size)
+
+    @staticmethod
+    def tokens(visual: nn.Module, images: torch.Tensor, patch_mask: Optional[torch.Tensor] = None,
+               mask_token: Optional[torch.Tensor] = None, checkpoint_blocks: int = 0) -> torch.Tensor:
+        """(B, 1+N, D) token states after ``ln_post``; ``checkpoint_blocks`` is not used here
+        (open_clip's ``--grad-checkpointing`` recomputes every block of this tower)."""
+        x = visual.conv1(images).flatten(2).transpose(1, 2)
+        x = _where_masked(x, patch_mask, mask_token)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+        x = visual.ln_pre(visual.patch_dropout(x))
+        return visual.ln_post(visual.transformer(x))
+
+    @staticmethod
+    def embedding(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        pooled, _ = visual._global_pool(tokens)
+        return pooled @ visual.proj if visual.proj is not None else pooled
+
+
+def image_tokens_for(visual: nn.Module, piece: str = "ConLIP"):
+    if isinstance(visual, TimmModel):
+        return TimmViTTokens(visual, piece)
+    if isinstance(visual, VisionTransformer):
+        return OpenClipViTTokens(visual, piece)
+    raise TowerError(
+        f"{piece} needs a patch-token ViT image tower (open_clip's ViT, or a timm ViT through "
+        f"vision_cfg.timm_model_name); this config builds {type(visual).__name__}."
+    )
+
+
+class HFTextTokens:
+    """A Hugging Face encoder with its CLS token first (BERT, RoBERTa, ...)."""
+
+    def __init__(self, text: HFTextEncoder, piece: str):
         if not isinstance(text.pooler, ClsLastHiddenStatePooler):
             raise TowerError(
                 f"{piece}'s text instance embedding is the raw CLS state: set text_cfg.hf_pooler_type "
@@ -92,17 +134,103 @@ class BertTokens:
         config = text.config
         missing = [k for k in ("pad_token_id", "vocab_size", "hidden_size") if getattr(config, k, None) is None]
         if missing:
-            raise TowerError(f"{piece} needs a BERT-like text config; {missing} missing from it.")
+            raise TowerError(f"{piece} needs an encoder config with {missing}.")
         self.pad_id = int(config.pad_token_id)
         self.width = int(config.hidden_size)
+        self.vocab_size = int(config.vocab_size)
+        self.learned_mask = False
+
+    def masking_ids(self, text_cfg: dict, piece: str) -> Tuple[Optional[int], List[int]]:
+        """The tokenizer's [MASK] id and its special ids (never masked)."""
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(text_cfg["hf_tokenizer_name"])
+        if tok.mask_token_id is None:
+            raise TowerError(f"{piece} needs a tokenizer with a mask token; {text_cfg['hf_tokenizer_name']} has none.")
+        return tok.mask_token_id, [self.pad_id, *tok.all_special_ids]
 
     def attention_mask(self, ids: torch.Tensor) -> torch.Tensor:
         return ids != self.pad_id
 
-    def tokens(self, text: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) last hidden states, with the same attention mask the tower derives itself."""
+    def tokens(self, text: nn.Module, ids: torch.Tensor, embed_mask: Optional[torch.Tensor] = None,
+               mask_embedding: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, L, D) last hidden states, with the attention mask the tower derives itself."""
         return text.transformer(input_ids=ids, attention_mask=self.attention_mask(ids).long()).last_hidden_state
 
     @staticmethod
-    def embedding(text: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    def embedding(text: nn.Module, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return text.proj(tokens[:, text.pooler.cls_token_position])
+
+    def conditioned_memory(self, text: nn.Module, complete: torch.Tensor, complete_ids: torch.Tensor,
+                           masked: torch.Tensor, masked_ids: torch.Tensor):
+        """[complete text's CLS ; masked text's tokens after its CLS], padding masked out."""
+        memory = torch.cat([complete[:, :1], masked[:, 1:]], dim=1)
+        valid = self.attention_mask(masked_ids)
+        return memory, torch.cat([torch.ones_like(valid[:, :1]), valid[:, 1:]], dim=1)
+
+
+class OpenClipTextTokens:
+    """open_clip's own causal ``TextTransformer`` (CLIP BPE tokenizer, end-of-text pooling)."""
+
+    def __init__(self, text: TextTransformer, piece: str):
+        if text.cls_emb is not None:
+            raise TowerError(f"{piece} does not support a text transformer with an appended CLS (CoCa).")
+        self.pad_id = int(text.pad_id)
+        self.width = int(text.width)
+        self.vocab_size = int(text.vocab_size)
+        self.learned_mask = True
+
+    def masking_ids(self, text_cfg: dict, piece: str) -> Tuple[Optional[int], List[int]]:
+        """No [MASK] id (a learned embedding stands in); padding, start and end of text are special."""
+        from open_clip.tokenizer import SimpleTokenizer
+
+        tok = SimpleTokenizer()
+        return None, [self.pad_id, tok.sot_token_id, tok.eot_token_id]
+
+    def attention_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids != self.pad_id
+
+    def tokens(self, text: nn.Module, ids: torch.Tensor, embed_mask: Optional[torch.Tensor] = None,
+               mask_embedding: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, L, D) states after ``ln_final``; masked positions get the learned mask embedding."""
+        cast_dtype = text.transformer.get_cast_dtype()
+        x = _where_masked(text.token_embedding(ids).to(cast_dtype), embed_mask, mask_embedding)
+        attn_mask = text.attn_mask
+        if text.use_pad_mask:
+            pad = text._build_additive_mask(ids, ids.shape[1], x.dtype)
+            attn_mask = pad if attn_mask is None else attn_mask[: ids.shape[1], : ids.shape[1]].unsqueeze(0) + pad
+        x = x + text.positional_embedding[: ids.shape[1]].to(cast_dtype)
+        return text.ln_final(text.transformer(x, attn_mask=attn_mask))
+
+    @staticmethod
+    def _instance_index(text: nn.Module, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)[..., None].float()
+        return text_global_pool(positions, ids, text.pool_type, getattr(text, "eos_id", None)).long().squeeze(-1)
+
+    @staticmethod
+    def embedding(text: nn.Module, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        pooled = text_global_pool(tokens, ids, text.pool_type, getattr(text, "eos_id", None))
+        if text.text_projection is None:
+            return pooled
+        if isinstance(text.text_projection, nn.Linear):
+            return text.text_projection(pooled)
+        return pooled @ text.text_projection
+
+    def conditioned_memory(self, text: nn.Module, complete: torch.Tensor, complete_ids: torch.Tensor,
+                           masked: torch.Tensor, masked_ids: torch.Tensor):
+        """[complete text's end-of-text state ; masked text's tokens], padding and the masked pass's
+        own end-of-text slot masked out."""
+        rows = torch.arange(complete.shape[0], device=complete.device)
+        instance = complete[rows, self._instance_index(text, complete, complete_ids)][:, None]
+        valid = self.attention_mask(masked_ids)
+        own = torch.zeros_like(valid)
+        own[rows, self._instance_index(text, masked, masked_ids)] = True
+        return torch.cat([instance, masked], dim=1), torch.cat([torch.ones_like(valid[:, :1]), valid & ~own], dim=1)
+
+
+def text_tokens_for(text: nn.Module, piece: str = "ConLIP"):
+    if isinstance(text, HFTextEncoder):
+        return HFTextTokens(text, piece)
+    if isinstance(text, TextTransformer):
+        return OpenClipTextTokens(text, piece)
+    raise TowerError(f"{piece} needs a Hugging Face text encoder or open_clip's TextTransformer, got {type(text).__name__}.")

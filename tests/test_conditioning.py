@@ -161,7 +161,7 @@ def test_conmlm_memory_is_complete_cls_then_masked_patches(conlip):
     with capture(model) as seen:
         model(image, text)
     call, patch_mask = seen["mlm_head"], seen["patch_mask"]
-    masked_ids, labels = seen["text_mask"]
+    masked_ids, labels, _ = seen["text_mask"]
     memory = call["memory"]
     n = patch_mask.shape[1]
     assert memory.shape[:2] == (B, 1 + n)
@@ -220,7 +220,7 @@ def test_conmim_memory_is_complete_text_cls_then_masked_tokens(conlip):
     with capture(model) as seen:
         out = model(image, text)
     call, patch_mask = seen["mim_head"], seen["patch_mask"]
-    masked_ids, _ = seen["text_mask"]
+    masked_ids, _, _ = seen["text_mask"]
     memory = call["memory"]
     assert memory.shape[:2] == text.shape
 
@@ -238,7 +238,7 @@ def test_conmim_memory_is_complete_text_cls_then_masked_tokens(conlip):
     assert call["query_mask"] is None
     # predictions only at masked patches; targets are those patches' pixels
     assert out["mim_predictions"].shape[0] == int(patch_mask.sum())
-    p = model._vit.patch_size
+    p = model._image_tokens.patch_size
     gw = 64 // p
     rows = [(b, j) for b in range(B) for j in range(patch_mask.shape[1]) if patch_mask[b, j]]
     for r, (b, j) in enumerate(rows[:5]):
@@ -255,7 +255,7 @@ def test_conmim_gradient_reaches_text_encoder_through_complete_cls(conlip):
     with capture(model) as seen:
         out = model(image, text)
     states = seen["text_states"]  # (2B, L, D): pass (B) rows first, then pass (D)
-    masked_ids, _ = seen["text_mask"]
+    masked_ids, _, _ = seen["text_mask"]
     assert states.shape[0] == 2 * B
     name = model.conlip_cfg.loss_names()["mim"]
     assert name == "conmim_loss"
@@ -288,7 +288,7 @@ def test_vanilla_memories_are_the_complete_passes(vanilla):
     with capture(model) as seen:
         out = model(image, text)
     mlm, mim = seen["mlm_head"], seen["mim_head"]
-    masked_ids, _ = seen["text_mask"]
+    masked_ids, _, _ = seen["text_mask"]
     patch_mask = seen["patch_mask"]
 
     complete_img = complete_image_tokens(model, image)

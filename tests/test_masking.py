@@ -42,7 +42,7 @@ def test_text_masker_counts_labels_and_specials():
     ids[0, :2] = torch.tensor([101, 102])
     ids[1] = PAD_ID
     ids[1, :3] = torch.tensor([101, 100, 102])
-    corrupted, labels = masker(ids)
+    corrupted, labels, _ = masker(ids)
     assert corrupted.shape == ids.shape and labels.shape == ids.shape
     special = torch.tensor(SPECIAL)
     seen_counts = set()
@@ -72,7 +72,7 @@ def test_text_masker_small_captions_get_at_least_one():
     masker = _masker()
     for n in range(1, 8):
         ids = torch.tensor([[101] + list(range(2000, 2000 + n)) + [102] + [PAD_ID] * 3])
-        _, labels = masker(ids)
+        _, labels, _ = masker(ids)
         assert int((labels != IGNORE_INDEX).sum()) == _expected_count(n) >= 1
 
 
@@ -83,7 +83,7 @@ def test_text_masker_chooses_uniformly_among_eligible():
     n = 20  # k = 3
     row = [101] + list(range(5000, 5000 + n)) + [102, 0, 0]
     ids = torch.tensor([row] * 4000)
-    _, labels = masker(ids)
+    _, labels, _ = masker(ids)
     freq = (labels != IGNORE_INDEX).double().mean(0)
     p = _expected_count(n) / n
     sigma = math.sqrt(p * (1 - p) / ids.shape[0])
@@ -96,7 +96,7 @@ def test_text_masker_80_10_10_split():
     torch.manual_seed(3)
     masker = _masker()
     ids = _captions(3000, 64, seed=4, min_words=40)
-    corrupted, labels = masker(ids)
+    corrupted, labels, _ = masker(ids)
     chosen = labels != IGNORE_INDEX
     total = int(chosen.sum())
     assert total >= 20000
