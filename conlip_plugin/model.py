@@ -231,12 +231,6 @@ class ConLIP(CustomTextCLIP):
             self.text_queue.enqueue(text_keys)
             self._pending_keys = None
 
-    @torch.no_grad()
-    def reset_momentum(self) -> None:
-        """Copy the online towers into the momentum encoders (after loading new tower weights)."""
-        momentum, online = self._online_and_momentum_params()
-        torch._foreach_copy_(momentum, [p.detach() for p in online])
-
     # --- forward ------------------------------------------------------------------------------
 
     @torch.jit.ignore
@@ -329,6 +323,3 @@ class ConLIP(CustomTextCLIP):
     def inference_state_dict(self) -> Dict[str, torch.Tensor]:
         """The weights of the plain open_clip model: training-only pieces dropped."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
-
-    def training_only_keys(self) -> List[str]:
-        return [k for k in self.state_dict() if k.startswith(TRAINING_ONLY_PREFIXES)]

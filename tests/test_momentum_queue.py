@@ -148,7 +148,9 @@ def tiny():
 
 def _reset(model):
     with torch.no_grad():
-        model.reset_momentum()
+        for twin, online in ((model.momentum_visual, model.visual), (model.momentum_text, model.text)):
+            for m, o in zip(twin.parameters(), online.parameters()):
+                m.copy_(o)
         for q in (model.image_queue, model.text_queue):
             q.ptr.zero_()
     model._pending_keys = None
