@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import weakref
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F

@@ -10,7 +10,6 @@ matmul peak measured here, peak memory, and the ratio to the CLIP step.
 """
 import argparse
 import json
-import math
 import shutil
 import statistics
 import tempfile

@@ -1,6 +1,5 @@
 """End to end through the unmodified open_clip_train CLI, in subprocesses, on CPU."""
 import re
-import shutil
 import sys
 from pathlib import Path
 
