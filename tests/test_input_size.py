@@ -5,16 +5,20 @@ import open_clip
 import torch
 
 
-def test_force_image_size_resizes_momentum_tower_and_masker(tmp_path):
+def register_fixed_position_config(folder, name: str) -> None:
+    """conlip-tiny with a ViT whose position embeddings have a fixed size (test_vit resamples
+    them on the fly, so it would not show the problem)."""
     cfg = open_clip.get_model_config("conlip-tiny")
-    # A ViT with fixed-size position embeddings (test_vit resamples them on the fly).
     cfg["vision_cfg"].update(timm_model_name="vit_tiny_patch16_224", image_size=224)
     cfg["embed_dim"] = 192
     cfg["text_cfg"]["hf_proj_type"] = "linear"
-    (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / "conlip-test-fixed-pos.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path / "configs")
+    (folder / "configs").mkdir()
+    (folder / "configs" / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder / "configs")
 
+
+def test_force_image_size_resizes_momentum_tower_and_masker(tmp_path):
+    register_fixed_position_config(tmp_path, "conlip-test-fixed-pos")
     base = open_clip.create_model("conlip-test-fixed-pos")
     torch.save({"state_dict": base.state_dict()}, tmp_path / "ckpt.pt")
     model = open_clip.create_model("conlip-test-fixed-pos", pretrained=str(tmp_path / "ckpt.pt"), force_image_size=96)
@@ -28,14 +32,7 @@ def test_force_image_size_resizes_momentum_tower_and_masker(tmp_path):
 
 
 def test_checkpoint_fine_tuned_at_another_size_loads_at_that_size(tmp_path):
-    cfg = open_clip.get_model_config("conlip-tiny")
-    cfg["vision_cfg"].update(timm_model_name="vit_tiny_patch16_224", image_size=224)
-    cfg["embed_dim"] = 192
-    cfg["text_cfg"]["hf_proj_type"] = "linear"
-    (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / "conlip-test-fixed-pos2.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path / "configs")
-
+    register_fixed_position_config(tmp_path, "conlip-test-fixed-pos2")
     tuned = open_clip.create_model("conlip-test-fixed-pos2", force_image_size=96)
     ids = open_clip.get_tokenizer("conlip-test-fixed-pos2")(["a red square", "a blue bar"])
     tuned.train()(torch.randn(2, 3, 96, 96), ids)  # the first training step resizes the momentum tower
