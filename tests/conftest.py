@@ -37,3 +37,14 @@ def _run(cmd: List[str], cwd: Path, timeout: int = 600, env: dict = None) -> sub
 def run():
     """``run(cmd, cwd, timeout=600, env=None)``: a subprocess that must succeed."""
     return _run
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny model's tensors are far too small to gain from intra-op threads; one is fastest."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,13 +16,7 @@ IMAGE_KEYS = {"image_features", "text_features", "logit_scale", "image_momentum_
               "text_momentum_features", "image_queue", "text_queue"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model's tensors are far too small to gain from intra-op threads; one is fastest."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _deterministic(model):

@@ -125,13 +125,7 @@ def test_queue_stores_detached_fp32():
 # the real tiny model: when the EMA and the queue writes happen
 # --------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model's tensors are far too small to gain from intra-op threads; one is fastest."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
