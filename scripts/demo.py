@@ -196,7 +196,7 @@ def main() -> None:
                         help="default: 3 on a GPU; 1 on a CPU, where one seed fills the 30-minute budget")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--smoke", action="store_true",
                         help="small data, tiny random towers, one seed: a few minutes, for CI")
     args = parser.parse_args()
