@@ -41,10 +41,13 @@ def instance_contrastive_loss(
 
 
 def masked_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy at the masked positions (the head is evaluated there only)."""
-    if labels.numel() == 0:
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+    """Mean cross-entropy over the labels that are not ``IGNORE_INDEX`` (0 if there are none).
+
+    The model passes a fixed number of rows per caption, filler rows ignored; dividing by the
+    count on device keeps the step free of host syncs.
+    """
+    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def masked_pixel_loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

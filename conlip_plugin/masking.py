@@ -1,4 +1,5 @@
 """Masking on device, inside the forward: BERT-style text masking and SimMIM-style patch masking."""
+import math
 from typing import Iterable, Optional, Tuple
 
 import torch
@@ -37,6 +38,11 @@ class TextMasker(nn.Module):
         self.ratio = ratio
         self.mask_token_prob = mask_token_prob
         self.random_token_prob = random_token_prob
+
+    def max_chosen(self, length: int) -> int:
+        """An upper bound on the tokens :meth:`choose` picks in a row of ``length`` ids, known
+        before the ids are: the fixed number of MLM predictions per caption."""
+        return min(length, max(1, math.ceil(self.ratio * length)))
 
     def eligible(self, ids: torch.Tensor) -> torch.Tensor:
         return ~torch.isin(ids, self.special_ids)
@@ -84,13 +90,15 @@ class PatchMasker(nn.Module):
                     f"that divides the {self.grid_size} patch grid; use 0 for per-patch masking."
                 )
             self.scale = block // patch_size
+        self.masked_blocks = int(round(ratio * (self.grid_size[0] // self.scale) * (self.grid_size[1] // self.scale)))
+        self.masked_count = self.masked_blocks * self.scale * self.scale
 
     def forward(self, batch_size: int, device: torch.device) -> torch.Tensor:
-        """A (B, N) boolean mask, True where the patch is masked, in row-major patch order."""
+        """A (B, N) boolean mask, True where the patch is masked (``masked_count`` per row), in
+        row-major patch order."""
         gh, gw = self.grid_size[0] // self.scale, self.grid_size[1] // self.scale
-        k = int(round(self.ratio * gh * gw))
         rank = torch.rand(batch_size, gh * gw, device=device).argsort(dim=1).argsort(dim=1)
-        mask = (rank < k).view(batch_size, gh, gw)
+        mask = (rank < self.masked_blocks).view(batch_size, gh, gw)
         if self.scale > 1:
             mask = mask.repeat_interleave(self.scale, dim=1).repeat_interleave(self.scale, dim=2)
         return mask.flatten(1)
@@ -102,3 +110,18 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     p = patch_size
     x = images.reshape(b, c, h // p, p, w // p, p)
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def true_positions_first(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, count) column indices: each row's True positions in order, then its False ones.
+
+    The fixed-size stand-in for ``x[mask]``: no host sync and no data-dependent shape, so a
+    training step compiles as one graph. ``count`` must be at least the most Trues in any row.
+    """
+    return mask.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :count]
+
+
+def take_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(B, L, ...) -> (B, K, ...): row ``b`` keeps ``x[b, positions[b]]``."""
+    index = positions.view(positions.shape + (1,) * (x.dim() - 2)).expand(positions.shape + x.shape[2:])
+    return x.gather(1, index)

@@ -21,7 +21,7 @@ from open_clip.model import CustomTextCLIP
 
 from .config import ConLIPCfg
 from .heads import ConditionedHead, MLMPredictionHead, init_head_weights
-from .masking import IGNORE_INDEX, PatchMasker, TextMasker, patchify
+from .masking import IGNORE_INDEX, PatchMasker, TextMasker, patchify, take_positions, true_positions_first
 from .momentum import FeatureQueue, ema_update_, gather_keys, momentum_copy
 from .towers import TimmViTTokens, TowerError, image_tokens_for, text_tokens_for
 
@@ -306,9 +306,10 @@ class ConLIP(CustomTextCLIP):
             memory = (torch.cat([image_tokens[:, :1], masked_image_tokens[:, 1:]], dim=1)
                       if conditioned else image_tokens)
             states = self.mlm_head(masked_text_tokens, txt.attention_mask(masked_ids), memory)
-            selected = mlm_labels != IGNORE_INDEX
-            out["mlm_logits"] = self.mlm_predictor(states[selected])
-            out["mlm_labels"] = mlm_labels[selected]
+            # A fixed number of positions per caption (the chosen ones, then ignored filler).
+            picked = true_positions_first(mlm_labels != IGNORE_INDEX, self.text_masker.max_chosen(text.shape[1]))
+            out["mlm_logits"] = self.mlm_predictor(take_positions(states, picked)).flatten(0, 1)
+            out["mlm_labels"] = mlm_labels.gather(1, picked).flatten()
         if cfg.mim:
             # ConLIP: [complete text's instance state (B, with gradient) ; masked text's tokens (D)].
             if conditioned:
@@ -316,8 +317,9 @@ class ConLIP(CustomTextCLIP):
             else:
                 memory, memory_mask = text_tokens, txt.attention_mask(text)
             states = self.mim_head(masked_image_tokens[:, 1:], None, memory, memory_mask)
-            out["mim_predictions"] = self.mim_predictor(states[patch_mask])
-            out["mim_targets"] = patchify(image, vit.patch_size)[patch_mask]
+            picked = true_positions_first(patch_mask, self.patch_masker.masked_count)
+            out["mim_predictions"] = self.mim_predictor(take_positions(states, picked)).flatten(0, 1)
+            out["mim_targets"] = take_positions(patchify(image, vit.patch_size), picked).flatten(0, 1)
         return out
 
     def inference_state_dict(self) -> Dict[str, torch.Tensor]:

@@ -235,6 +235,14 @@ def test_masked_token_loss_empty_is_zero_and_differentiable():
     assert logits.grad is not None and logits.grad.shape == (0, 7)
 
 
+def test_masked_token_loss_all_ignored_is_zero_and_differentiable():
+    logits = torch.randn(6, 7, requires_grad=True)
+    got = masked_token_loss(logits, torch.full((6,), IGNORE_INDEX))
+    assert got.item() == 0.0
+    got.backward()
+    assert torch.equal(logits.grad, torch.zeros(6, 7))
+
+
 def test_patchify_pixel_order_by_index_loop():
     torch.manual_seed(9)
     b, c, h, w, p = 2, 3, 8, 12, 4
