@@ -1,13 +1,19 @@
 """Full training steps of ConLIP against open_clip's own CLIP step with the same towers.
 
 Each step is forward, every loss, backward, optimizer step (and, for ConLIP, the EMA and the
-enqueue in its post-step hook). Both models are built in this process and timed in alternating
+enqueue in its post-step hook). All models are built in this process and timed in alternating
 rounds; per variant it prints samples/s, GFLOP per sample (torch's flop counter), MFU against a
 matmul peak measured here, peak memory, and the ratio to the CLIP step.
+
+GFLOP per sample are the model's own (counted without recomputation), so MFU does not credit
+recomputed blocks. Several ConLIP variants (``--image-checkpoint-blocks 0 9``) share one process
+and one CLIP baseline; each variant's peak memory excludes the weights, buffers and optimizer
+state of the others, which stay resident while it runs.
 
     python scripts/bench_train.py --size tiny                       # CPU, seconds (CI runs this)
     python scripts/bench_train.py --size paper --batch 512 --precision bf16 [--compile] [--grad-checkpointing]
 """
+import dataclasses
 import argparse
 import json
 import shutil
@@ -16,7 +22,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, Iterable, List
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -32,7 +38,7 @@ BERT_BASE = {"architectures": ["BertModel"], "model_type": "bert", "vocab_size":
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def model_config(size: str, tokenizer_dir: str, workdir: Path, checkpoint_blocks: int) -> dict:
+def model_config(size: str, tokenizer_dir: str, workdir: Path) -> dict:
     """The registered config for this size, with random-init towers and local text files."""
     from open_clip.factory import get_model_config
 
@@ -51,11 +57,14 @@ def model_config(size: str, tokenizer_dir: str, workdir: Path, checkpoint_blocks
         cfg["conlip_cfg"]["text_weights"] = False
         cfg = resolve_config_paths(cfg, "conlip-vit-b16-bert")
     cfg["text_cfg"]["hf_model_pretrained"] = False
-    cfg["conlip_cfg"]["image_checkpoint_blocks"] = checkpoint_blocks
     return cfg
 
 
-def build(cfg: dict, device: torch.device, seed: int):
+def variant_name(checkpoint_blocks: int) -> str:
+    return "ConLIP" if checkpoint_blocks == 0 else f"ConLIP-r{checkpoint_blocks}"
+
+
+def build(cfg: dict, device: torch.device, seed: int, checkpoint_blocks: Iterable[int]):
     from open_clip.loss import ClipLoss
     from open_clip.model import CustomTextCLIP
 
@@ -65,14 +74,13 @@ def build(cfg: dict, device: torch.device, seed: int):
     conlip_cfg = conlip_plugin.ConLIPCfg.from_dict(cfg["conlip_cfg"])
     plain_cfg = {k: v for k, v in cfg.items() if k != "conlip_cfg"}
     torch.manual_seed(seed)
-    clip = CustomTextCLIP(**plain_cfg, output_dict=True).to(device)
-    torch.manual_seed(seed)
-    conlip = ConLIP(**cfg, output_dict=True).to(device)
-    return {
-        "CLIP": (clip, ClipLoss()),
-        "ConLIP": (conlip, ConLIPLoss(conlip_cfg.instance_loss, conlip_cfg.in_batch_negatives,
-                                      conlip_cfg.loss_names())),
-    }
+    variants = {"CLIP": (CustomTextCLIP(**plain_cfg, output_dict=True).to(device), ClipLoss())}
+    for blocks in checkpoint_blocks:
+        torch.manual_seed(seed)
+        model_cfg = dict(cfg, conlip_cfg=dict(cfg["conlip_cfg"], image_checkpoint_blocks=blocks))
+        loss = ConLIPLoss(conlip_cfg.instance_loss, conlip_cfg.in_batch_negatives, conlip_cfg.loss_names())
+        variants[variant_name(blocks)] = (ConLIP(**model_cfg, output_dict=True).to(device), loss)
+    return variants
 
 
 def fake_batch(cfg: dict, batch: int, device: torch.device, seed: int):
@@ -110,20 +118,41 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def make_step(model, loss_fn, images, texts, autocast, fused: bool) -> Callable[[], None]:
+def make_step(model, runner, loss_fn, images, texts, autocast, fused: bool):
+    """One training step of ``runner`` (the model, or its compiled form), and its optimizer."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.01, fused=fused)
-    forward = model
 
     def step() -> None:
         with autocast():
-            out = forward(images, texts)
+            out = runner(images, texts)
             total = sum(loss_fn(**out, output_dict=True).values())
         total.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step
+    return step, opt
+
+
+def resident_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Weights, buffers and optimizer state: what a model holds on the device between steps."""
+    tensors: List[torch.Tensor] = list(model.parameters()) + list(model.buffers())
+    tensors += [t for state in opt.state.values() for t in state.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type != "cpu")
+
+
+def count_model_flops(model, loss_fn, images, texts, autocast, fused: bool) -> float:
+    """FLOPs of one step without recomputation (a throwaway optimizer; the weights move once)."""
+    saved = getattr(model, "conlip_cfg", None)
+    if saved is not None:
+        model.conlip_cfg = dataclasses.replace(saved, image_checkpoint_blocks=0)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            make_step(model, model, loss_fn, images, texts, autocast, fused)[0]()
+    finally:
+        if saved is not None:
+            model.conlip_cfg = saved
+    return counter.get_total_flops()
 
 
 def main() -> None:
@@ -134,8 +163,9 @@ def main() -> None:
                         help="autocast dtype (default: bf16 on a GPU, fp32 on CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--grad-checkpointing", action="store_true", help="open_clip's: every block of both models")
-    parser.add_argument("--image-checkpoint-blocks", type=int, default=0,
-                        help="ConLIP only: recompute this many leading ViT blocks in backward")
+    parser.add_argument("--image-checkpoint-blocks", type=int, nargs="+", default=[0],
+                        help="ConLIP only: recompute this many leading ViT blocks in backward; several "
+                             "values time one ConLIP variant each (e.g. 0 9)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
@@ -167,27 +197,30 @@ def main() -> None:
         return torch.autocast(device.type, dtype=dtype)
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = model_config(args.size, tokenizer_dir, Path(tmp), args.image_checkpoint_blocks)
-        variants = build(cfg, device, args.seed)
+        cfg = model_config(args.size, tokenizer_dir, Path(tmp))
+        variants = build(cfg, device, args.seed, dict.fromkeys(args.image_checkpoint_blocks))
     images, texts = fake_batch(cfg, batch, device, args.seed)
     peak = matmul_peak(device, dtype)
+    fused = device.type == "cuda"
 
     results: Dict[str, dict] = {}
-    steps_fn = {}
+    steps_fn, opts = {}, {}
     for name, (model, loss_fn) in variants.items():
         model.train()
+        # FLOPs are counted on the eager model (the compiled one runs the same math).
+        flops = count_model_flops(model, loss_fn, images, texts, autocast, fused)
+        results[name] = {"gflop_per_sample": flops / batch / 1e9}
         if args.grad_checkpointing:
             model.set_grad_checkpointing(True)
-        # FLOPs are counted on the eager model (the compiled one runs the same math).
-        with FlopCounterMode(display=False) as counter:
-            make_step(model, loss_fn, images, texts, autocast, fused=device.type == "cuda")()
-        results[name] = {"gflop_per_sample": counter.get_total_flops() / batch / 1e9}
         runner = torch.compile(model) if args.compile else model
-        steps_fn[name] = make_step(runner, loss_fn, images, texts, autocast, fused=device.type == "cuda")
+        steps_fn[name], opts[name] = make_step(model, runner, loss_fn, images, texts, autocast, fused)
+        t = time.perf_counter()
         for _ in range(args.warmup):
             steps_fn[name]()
         sync(device)
+        print(f"{name}: ready ({args.warmup} warm-up steps, {time.perf_counter() - t:.0f} s)", flush=True)
 
+    held = {name: resident_bytes(variants[name][0], opts[name]) for name in variants}
     times = {name: [] for name in variants}
     mems = {name: 0 for name in variants}
     for _ in range(args.rounds):
@@ -201,7 +234,8 @@ def main() -> None:
             sync(device)
             times[name].append((time.perf_counter() - t) / steps)
             if device.type == "cuda":
-                mems[name] = max(mems[name], torch.cuda.max_memory_allocated())
+                others = sum(b for other, b in held.items() if other != name)
+                mems[name] = max(mems[name], torch.cuda.max_memory_allocated() - others)
 
     for name in variants:
         sec = statistics.median(times[name])
@@ -215,15 +249,15 @@ def main() -> None:
         r["flop_ratio_to_clip"] = r["gflop_per_sample"] / base["gflop_per_sample"]
 
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {dev_name}; size {args.size}; batch {batch}; {precision}; compile {args.compile}; "
-          f"grad-ckpt {args.grad_checkpointing}; ConLIP image blocks recomputed {args.image_checkpoint_blocks}; "
-          f"measured matmul peak {peak / 1e12:.1f} TFLOP/s")
-    print(f"{'variant':<8} {'samples/s':>10} {'GFLOP/sample':>13} {'MFU':>6} {'peak GiB':>9} {'speed/CLIP':>11} {'FLOP/CLIP':>10}")
+    print(f"device {dev_name}; torch {torch.__version__}; size {args.size}; batch {batch}; {precision}; "
+          f"compile {args.compile}; grad-ckpt {args.grad_checkpointing}; measured matmul peak {peak / 1e12:.1f} TFLOP/s; "
+          f"ConLIP-rN: first N ViT blocks recomputed")
+    print(f"{'variant':<10} {'samples/s':>10} {'GFLOP/sample':>13} {'MFU':>6} {'peak GiB':>9} {'speed/CLIP':>11} {'FLOP/CLIP':>10}")
     for name, r in results.items():
-        print(f"{name:<8} {r['samples_per_s']:>10.1f} {r['gflop_per_sample']:>13.2f} {r['mfu']:>6.3f} "
+        print(f"{name:<10} {r['samples_per_s']:>10.1f} {r['gflop_per_sample']:>13.2f} {r['mfu']:>6.3f} "
               f"{r['peak_mem_gib']:>9.2f} {r['speed_ratio_to_clip']:>11.3f} {r['flop_ratio_to_clip']:>10.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"device": dev_name, "size": args.size, "batch": batch,
+        args.json.write_text(json.dumps({"device": dev_name, "torch": torch.__version__, "size": args.size, "batch": batch,
                                          "precision": precision, "compile": args.compile,
                                          "grad_checkpointing": args.grad_checkpointing,
                                          "image_checkpoint_blocks": args.image_checkpoint_blocks,
