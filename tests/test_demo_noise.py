@@ -1,0 +1,74 @@
+"""The demo's noise statement: per-query retrieval ranks and the paired bootstrap over queries."""
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "demo.py"
+spec = importlib.util.spec_from_file_location("conlip_demo", SCRIPT)
+demo = importlib.util.module_from_spec(spec)
+sys.modules["conlip_demo"] = demo
+spec.loader.exec_module(demo)
+
+
+def _reference_ranks(scores, truth):
+    """Explicit loops: wrong candidates scoring at least as high as the (best) right one."""
+    n_text, n_image = scores.shape
+    t2i = [sum(1 for j in range(n_image) if j != truth[t] and scores[t, j] >= scores[t, truth[t]])
+           for t in range(n_text)]
+    i2t = []
+    for i in range(n_image):
+        best = max(float(scores[t, i]) for t in range(n_text) if truth[t] == i)
+        i2t.append(sum(1 for t in range(n_text) if truth[t] != i and float(scores[t, i]) >= best))
+    return t2i, i2t
+
+
+def test_retrieval_ranks_match_loops_with_ties():
+    torch.manual_seed(0)
+    truth = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, 5])
+    scores = torch.randn(10, 6, dtype=torch.float64).round(decimals=1)  # rounding makes exact ties
+    scores[3] = scores[6]  # two captions of different images with identical scores (duplicate text)
+    got = demo.retrieval_ranks(scores, truth)
+    t2i, i2t = _reference_ranks(scores, truth.tolist())
+    assert got["image"].tolist() == t2i
+    assert got["text"].tolist() == i2t
+
+
+def test_bootstrap_interval_is_degenerate_for_identical_or_opposite_models():
+    ones, zeros = torch.ones(200, dtype=torch.float64), torch.zeros(200, dtype=torch.float64)
+    assert demo.bootstrap_interval(ones, ones) == (0.0, 0.0)
+    assert demo.bootstrap_interval(ones, zeros) == (100.0, 100.0)
+
+
+def test_bootstrap_interval_matches_the_normal_approximation():
+    g = torch.Generator().manual_seed(1)
+    a = (torch.rand(2000, generator=g) < 0.40).double()
+    b = (torch.rand(2000, generator=g) < 0.35).double()
+    d = (a - b).tolist()
+    mean_d = sum(d) / len(d)
+    sd = math.sqrt(sum((x - mean_d) ** 2 for x in d) / (len(d) - 1))
+    half = 100 * 1.96 * sd / math.sqrt(len(d))
+    low, high = demo.bootstrap_interval(a, b)
+    assert abs((low + high) / 2 - 100 * mean_d) < 0.2 * half
+    assert abs((high - low) / 2 - half) < 0.1 * half
+
+
+def _fake_runs(t2i_rank_of_query, seeds=1):
+    ranks = {"image": torch.tensor(t2i_rank_of_query), "text": torch.tensor(t2i_rank_of_query)}
+    metrics = {f"{d}_retrieval_recall@{k}": float((ranks[d] < k).double().mean())
+               for d in ("image", "text") for k in (1, 5, 10)}
+    return [metrics] * seeds, [ranks] * seeds
+
+
+def test_summary_calls_a_clear_win_outside_and_a_tie_inside_the_noise():
+    results, ranks = {}, {}
+    for split, _ in demo.SPLITS:
+        clear = {"ConLIP": _fake_runs([0] * 300), "Vanilla": _fake_runs([20] * 300), "CL": _fake_runs([0] * 300)}
+        results[split] = {label: runs[0] for label, runs in clear.items()}
+        ranks[split] = {label: runs[1] for label, runs in clear.items()}
+    text = demo.summarise(results, ranks, seeds=1)
+    assert "ConLIP − Vanilla = +100.0 points, outside the noise" in text
+    assert "ConLIP − CL = +0.0 points, inside the noise" in text
+    assert "one seed only" in text
