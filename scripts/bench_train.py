@@ -22,7 +22,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List
+from typing import Dict, Iterable, List
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode

@@ -21,7 +21,10 @@ import textwrap
 import time
 from pathlib import Path
 from statistics import mean, pstdev
-from typing import Dict, List, Tuple
+from typing import TYPE_CHECKING, Dict, List, Tuple
+
+if TYPE_CHECKING:
+    import torch
 
 SCRIPTS = Path(__file__).resolve().parent
 # label -> model config; the smoke run swaps in the tiny random towers (same code path, seconds).
