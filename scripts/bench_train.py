@@ -13,8 +13,8 @@ state of the others, which stay resident while it runs.
     python scripts/bench_train.py --size tiny                       # CPU, seconds (CI runs this)
     python scripts/bench_train.py --size paper --batch 512 --precision bf16 [--compile] [--grad-checkpointing]
 """
-import dataclasses
 import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -161,7 +161,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="default: 8 tiny, 512 paper")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
                         help="autocast dtype (default: bf16 on a GPU, fp32 on CPU)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--grad-checkpointing", action="store_true", help="open_clip's: every block of both models")
     parser.add_argument("--image-checkpoint-blocks", type=int, nargs="+", default=[0],
                         help="ConLIP only: recompute this many leading ViT blocks in backward; several "
