@@ -4,13 +4,14 @@ ConLIP's claim is mechanistic: conditioning the heads on the complete image's (t
 them use it. This measures, over real batches, the cross-attention weight from the masked text's
 tokens to memory slot 0 (the image CLS) in the ConMLM head, and from the masked image's patches
 to slot 0 (the text CLS) in the ConMIM head. Slot 0 is the complete other modality's CLS for
-ConLIP and Vanilla alike, so their numbers compare directly.
+ConLIP and Vanilla alike (with a CLS-first text tower), so their numbers compare directly.
 """
 from typing import Dict, Iterable, List, Tuple
 
 import torch
 
 from .model import ConLIP
+from .towers import HFTextTokens
 
 
 def _instance_slot_weights(weights: torch.Tensor, valid_queries: torch.Tensor) -> torch.Tensor:
@@ -31,6 +32,12 @@ def instance_slot_attention(model: ConLIP, batches: Iterable[Tuple[torch.Tensor,
     heads = {name: getattr(model, f"{name}_head") for name in ("mlm", "mim") if hasattr(model, f"{name}_head")}
     if not heads:
         raise ValueError("this model has no token-level heads (a CL model): nothing to analyse")
+    if "mim" in heads and model.conlip_cfg.variant == "vanilla" and not isinstance(model._text_tokens, HFTextTokens):
+        raise ValueError(
+            "a Vanilla model on open_clip's causal text tower: its ConMIM memory starts with the start-of-text "
+            "state, not the caption's instance state, so slot 0 does not compare with ConLIP's; analyse "
+            "models with a CLS-first (Hugging Face) text tower."
+        )
     was_training, pending = model.training, model._pending_keys
     model.eval()
     samples: Dict[str, List[torch.Tensor]] = {}

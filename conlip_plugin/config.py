@@ -123,13 +123,14 @@ WRAP_SUFFIXES = {
 
 def wrapped_config(model_name: str, lookup: Callable[[str], Optional[dict]]) -> Optional[dict]:
     """The config for ``BASE+conlip[-cl|-mlm|-mim|-vanilla]``: BASE's towers plus a ``conlip_cfg``
-    with the paper's defaults; None if the name has no such suffix or BASE is unknown."""
+    with the paper's defaults; None if the name has no such suffix."""
     base_name, sep, suffix = model_name.rpartition(WRAP_SEPARATOR)
     if not sep or suffix not in WRAP_SUFFIXES:
         return None
     base = lookup(base_name)
     if base is None:
-        raise KeyError(f"{model_name}: base model config {base_name!r} is not registered with open_clip.")
+        raise KeyError(f"{model_name}: base model config {base_name!r} is not registered with open_clip; "
+                       f"pick one of open_clip.list_models(), or register yours with CONLIP_MODEL_CONFIGS.")
     if is_conlip_config(base):
         raise ValueError(f"{model_name}: {base_name!r} is already a ConLIP config; use it directly.")
     cfg = dict(base)

@@ -15,7 +15,8 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, kv_dim: Optional[int] = None, dropout: float = 0.0):
         super().__init__()
         if dim % heads:
-            raise ValueError(f"head width {dim} is not divisible by head_heads={heads}")
+            raise ValueError(f"conlip_cfg.head_heads={heads} must divide the head width {dim}; "
+                             f"use a divisor of {dim}, or null for width / 64.")
         kv_dim = kv_dim or dim
         self.heads = heads
         self.dropout = dropout

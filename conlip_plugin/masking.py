@@ -120,8 +120,3 @@ def true_positions_first(mask: torch.Tensor, count: int) -> torch.Tensor:
     """
     return mask.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :count]
 
-
-def take_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """(B, L, ...) -> (B, K, ...): row ``b`` keeps ``x[b, positions[b]]``."""
-    index = positions.view(positions.shape + (1,) * (x.dim() - 2)).expand(positions.shape + x.shape[2:])
-    return x.gather(1, index)

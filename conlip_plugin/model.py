@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from open_clip.model import CustomTextCLIP
+from open_clip.model import CustomTextCLIP, resize_pos_embed
 
 from .config import ConLIPCfg
 from .heads import ConditionedHead, MLMPredictionHead, init_head_weights
-from .masking import IGNORE_INDEX, PatchMasker, TextMasker, patchify, take_positions, true_positions_first
+from .masking import IGNORE_INDEX, PatchMasker, TextMasker, patchify, true_positions_first
 from .momentum import FeatureQueue, ema_update_, gather_keys, momentum_copy
 from .towers import TimmViTTokens, TowerError, image_tokens_for, text_tokens_for
 
@@ -74,7 +74,8 @@ def _adopt_checkpoint_image_size(module: "ConLIP", state_dict: dict, prefix: str
     resize each image tower to them before loading, so that the checkpoint loads as it was
     trained (open_clip 3.3 resizes position embeddings of its own ViT only, not of timm towers)."""
     if not hasattr(getattr(module.visual, "trunk", None), "patch_embed"):
-        return  # not a timm ViT: open_clip resizes its own ViT's position embeddings itself
+        _resize_momentum_pos_embed(module, state_dict, prefix)
+        return
     for name in ("visual", "momentum_visual"):
         tower = getattr(module, name)
         trunk = tower.trunk
@@ -89,6 +90,19 @@ def _adopt_checkpoint_image_size(module: "ConLIP", state_dict: dict, prefix: str
             size = side * int(patch[0] if isinstance(patch, (tuple, list)) else patch)
             logging.info("ConLIP: %s was saved at image size %d; resizing it to match", name, size)
             tower.set_input_size(size)
+
+
+def _resize_momentum_pos_embed(module: "ConLIP", state_dict: dict, prefix: str) -> None:
+    """open_clip's own ViT: ``load_checkpoint`` resizes ``visual.positional_embedding`` to the
+    model's grid (e.g. ``force_image_size``) but not the momentum tower's; resize it the same way."""
+    key = prefix + "momentum_visual.positional_embedding"
+    saved = state_dict.get(key)
+    current = getattr(module.momentum_visual, "positional_embedding", None)
+    if saved is None or current is None or saved.shape == current.shape:
+        return
+    as_online = {"visual.positional_embedding": saved}
+    resize_pos_embed(as_online, module)
+    state_dict[key] = as_online["visual.positional_embedding"]
 
 
 def _complete_plain_weights(module: "ConLIP", state_dict: dict, prefix: str, *args) -> None:
@@ -155,6 +169,9 @@ class ConLIP(CustomTextCLIP):
         pieces = cfg.head_pieces()
         self._image_tokens = image_tokens_for(self.visual, pieces) if cfg.uses_heads else None
         self._text_tokens = text_tokens_for(self.text, pieces) if cfg.uses_heads else None
+        if cfg.image_checkpoint_blocks and not cfg.uses_heads:
+            raise TowerError("conlip_cfg.image_checkpoint_blocks applies to the heads' image passes; a 'cl' "
+                             "model has none: set it to 0 and use --grad-checkpointing instead.")
         if cfg.image_checkpoint_blocks and not isinstance(self._image_tokens, TimmViTTokens):
             raise TowerError("conlip_cfg.image_checkpoint_blocks needs a timm ViT; use --grad-checkpointing instead.")
         self.image_queue = FeatureQueue(cfg.queue_size, embed_dim)
@@ -167,8 +184,9 @@ class ConLIP(CustomTextCLIP):
         ]
         self._pending_keys: Optional[tuple] = None
         self._register_step_hook()
-        self.register_load_state_dict_pre_hook(_adopt_checkpoint_image_size)
+        # Plain weights first get their momentum copies, which are then resized with the towers.
         self.register_load_state_dict_pre_hook(_complete_plain_weights)
+        self.register_load_state_dict_pre_hook(_adopt_checkpoint_image_size)
 
     def _build_masking_and_heads(self, cfg: ConLIPCfg, text_cfg: dict) -> None:
         vit, txt = self._image_tokens, self._text_tokens
@@ -308,7 +326,8 @@ class ConLIP(CustomTextCLIP):
             states = self.mlm_head(masked_text_tokens, txt.attention_mask(masked_ids), memory)
             # A fixed number of positions per caption (the chosen ones, then ignored filler).
             picked = true_positions_first(mlm_labels != IGNORE_INDEX, self.text_masker.max_chosen(text.shape[1]))
-            out["mlm_logits"] = self.mlm_predictor(take_positions(states, picked)).flatten(0, 1)
+            rows = torch.take_along_dim(states, picked[..., None], dim=1)
+            out["mlm_logits"] = self.mlm_predictor(rows).flatten(0, 1)
             out["mlm_labels"] = mlm_labels.gather(1, picked).flatten()
         if cfg.mim:
             # ConLIP: [complete text's instance state (B, with gradient) ; masked text's tokens (D)].
@@ -318,8 +337,10 @@ class ConLIP(CustomTextCLIP):
                 memory, memory_mask = text_tokens, txt.attention_mask(text)
             states = self.mim_head(masked_image_tokens[:, 1:], None, memory, memory_mask)
             picked = true_positions_first(patch_mask, self.patch_masker.masked_count)
-            out["mim_predictions"] = self.mim_predictor(take_positions(states, picked)).flatten(0, 1)
-            out["mim_targets"] = take_positions(patchify(image, vit.patch_size), picked).flatten(0, 1)
+            rows = torch.take_along_dim(states, picked[..., None], dim=1)
+            out["mim_predictions"] = self.mim_predictor(rows).flatten(0, 1)
+            targets = torch.take_along_dim(patchify(image, vit.patch_size), picked[..., None], dim=1)
+            out["mim_targets"] = targets.flatten(0, 1)
         return out
 
     def inference_state_dict(self) -> Dict[str, torch.Tensor]:

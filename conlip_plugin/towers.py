@@ -29,6 +29,12 @@ class TowerError(ValueError):
     pass
 
 
+_NO_PATCH_DROPOUT = (
+    "{piece} reads every patch token (a masked patch keeps its slot, SimMIM), so the image tower "
+    "cannot drop patches: set vision_cfg.patch_dropout to 0 and leave out --force-patch-dropout."
+)
+
+
 def _where_masked(x: torch.Tensor, mask: Optional[torch.Tensor], token: Optional[torch.Tensor]) -> torch.Tensor:
     if mask is None:
         return x
@@ -48,6 +54,8 @@ class TimmViTTokens:
             raise TowerError(f"{piece} needs a ViT with exactly one CLS token and no register tokens.")
         if getattr(trunk, "global_pool", None) != "token" or getattr(trunk, "attn_pool", None) is not None:
             raise TowerError(f"{piece}'s image instance embedding is the CLS state: set vision_cfg.timm_pool to 'token'.")
+        if not isinstance(trunk.patch_drop, nn.Identity):
+            raise TowerError(_NO_PATCH_DROPOUT.format(piece=piece))
         patch = trunk.patch_embed.patch_size
         self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
         self.width = int(trunk.embed_dim)
@@ -86,6 +94,8 @@ class OpenClipViTTokens:
                 f"{piece} needs the ViT's instance embedding to be its CLS state: open_clip's ViT with "
                 f"pool_type 'tok', no attentional pooling and final_ln_after_pool false."
             )
+        if getattr(visual.patch_dropout, "prob", 0.0) > 0:
+            raise TowerError(_NO_PATCH_DROPOUT.format(piece=piece))
         self.patch_size = int(visual.patch_size[0])
         self.width = int(visual.conv1.out_channels)
 
@@ -184,6 +194,12 @@ class OpenClipTextTokens:
         """No [MASK] id (a learned embedding stands in); padding, start and end of text are special."""
         from open_clip.tokenizer import SimpleTokenizer
 
+        if text_cfg.get("hf_tokenizer_name"):
+            raise TowerError(
+                f"{piece} with open_clip's text transformer supports the CLIP BPE tokenizer only; this config "
+                f"tokenizes with {text_cfg['hf_tokenizer_name']!r}. Use a base config with the CLIP tokenizer, "
+                f"or a Hugging Face text tower (text_cfg.hf_model_name)."
+            )
         tok = SimpleTokenizer()
         return None, [self.pad_id, tok.sot_token_id, tok.eot_token_id]
 

@@ -74,3 +74,9 @@ def test_cl_model_has_nothing_to_analyse():
     model = open_clip.create_model("conlip-tiny-cl")
     with pytest.raises(ValueError, match="no token-level heads"):
         instance_slot_attention(model, [])
+
+
+def test_vanilla_on_a_causal_text_tower_is_refused():
+    model = open_clip.create_model("ViT-S-32-alt+conlip-vanilla")
+    with pytest.raises(ValueError, match="start-of-text"):
+        instance_slot_attention(model, [])

@@ -363,3 +363,23 @@ def test_train_features_equal_eval_encoders(conlip):
     assert out["image_features"].requires_grad and out["text_features"].requires_grad
     assert out["logit_scale"].item() == pytest.approx(1.0 / model.conlip_cfg.temperature, rel=1e-5)
     model._pending_keys = None
+
+
+def test_patch_dropout_is_refused_with_the_fix():
+    import open_clip
+
+    with pytest.raises(ValueError, match="patch_dropout to 0"):
+        open_clip.create_model("conlip-emoji", force_patch_dropout=0.5)
+
+
+def test_open_clip_text_tower_with_a_non_clip_tokenizer_is_refused(tmp_path):
+    import json
+
+    import open_clip
+
+    cfg = open_clip.factory.get_model_config("ViT-S-32-alt+conlip")
+    cfg["text_cfg"]["hf_tokenizer_name"] = "some-sentencepiece-tokenizer"
+    (tmp_path / "conlip-test-spm.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path)
+    with pytest.raises(ValueError, match="CLIP BPE tokenizer only"):
+        open_clip.create_model("conlip-test-spm")

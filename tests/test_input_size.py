@@ -45,3 +45,25 @@ def test_checkpoint_fine_tuned_at_another_size_loads_at_that_size(tmp_path):
     image = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         assert torch.allclose(model.eval().encode_image(image), tuned.eval().encode_image(image), atol=1e-5)
+
+
+def test_force_image_size_resizes_the_open_clip_vit_momentum_tower(tmp_path):
+    """open_clip's own ViT: load_checkpoint resizes the online tower's position embeddings only."""
+    base = open_clip.create_model("conlip-emoji")
+    torch.save({"state_dict": base.state_dict()}, tmp_path / "ckpt.pt")
+    model = open_clip.create_model("conlip-emoji", pretrained=str(tmp_path / "ckpt.pt"), force_image_size=96)
+    grid = (96 // 8) ** 2 + 1
+    assert model.visual.positional_embedding.shape[0] == grid
+    assert model.momentum_visual.positional_embedding.shape == model.visual.positional_embedding.shape
+    # the momentum tower's embeddings were resized from its own, as the online tower's were
+    torch.testing.assert_close(model.momentum_visual.positional_embedding, model.visual.positional_embedding)
+
+
+def test_plain_weights_at_another_size_fill_and_resize_the_momentum_tower(tmp_path):
+    register_fixed_position_config(tmp_path, "conlip-test-fixed-pos3")
+    tuned = open_clip.create_model("conlip-test-fixed-pos3", force_image_size=96)
+    plain = {k: v for k, v in tuned.state_dict().items() if not k.startswith(("momentum_", "image_queue", "text_queue"))}
+    torch.save({"state_dict": plain}, tmp_path / "plain.pt")
+    model = open_clip.create_model("conlip-test-fixed-pos3", pretrained=str(tmp_path / "plain.pt"))
+    assert model.visual.image_size == (96, 96)
+    assert torch.equal(model.momentum_visual.trunk.pos_embed, tuned.visual.trunk.pos_embed)
