@@ -10,6 +10,7 @@ head), as a table (stdout, table.md), results.json and a bar plot (table2.png).
         --checkpoint Vanilla=conlip-tiny-vanilla:logs/b/checkpoints/epoch_8.pt
 """
 import argparse
+import itertools
 import json
 from pathlib import Path
 from typing import Dict, Tuple
@@ -22,7 +23,7 @@ ROWS = (("mlm_layer0", "text tokens -> image CLS (MLM head)"), ("mim_layer0", "i
 def parse_checkpoint(spec: str) -> Tuple[str, str, str]:
     try:
         label, rest = spec.split("=", 1)
-        model, path = rest.split(":", 1)
+        model, path = rest.rsplit(":", 1)
     except ValueError:
         raise SystemExit(f"--checkpoint {spec!r}: write LABEL=MODEL:PATH, e.g. ConLIP=conlip-tiny:epoch_8.pt")
     if not Path(path).is_file():
@@ -41,8 +42,7 @@ def analyse(model_name: str, checkpoint: str, args) -> Dict[str, dict]:
                       tokenizer=open_clip.get_tokenizer(model_name))
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=False)
     torch.manual_seed(args.seed)
-    batches = (batch for i, batch in enumerate(loader) if args.batches is None or i < args.batches)
-    return instance_slot_attention(model, batches)
+    return instance_slot_attention(model, itertools.islice(loader, args.batches))
 
 
 def plot(results: Dict[str, Dict[str, dict]], path: Path) -> None:

@@ -20,7 +20,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from statistics import mean, pstdev
+from statistics import mean, stdev
 from typing import TYPE_CHECKING, Dict, List, Tuple
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def train(model: str, seed: int, data: Path, out: Path, args, gpu: bool) -> Path
 
 def evaluate(model: str, ckpt: Path, root: Path, out_json: Path, gpu: bool) -> dict:
     if not out_json.exists():
-        cmd = [str(Path(sys.executable).with_name("clip_benchmark")), "eval", "--model", model,
+        cmd = [sys.executable, "-m", "clip_benchmark.cli", "eval", "--model", model,
                "--pretrained", str(ckpt), "--dataset", "flickr30k", "--dataset_root", str(root),
                "--task", "zeroshot_retrieval", "--recall_k", "1", "5", "10", "--batch_size", "128",
                "--num_workers", "2", "--output", str(out_json)]
@@ -99,9 +99,10 @@ def evaluate(model: str, ckpt: Path, root: Path, out_json: Path, gpu: bool) -> d
 def summarise(results: Dict[str, Dict[str, List[dict]]], ranks: Dict[str, Dict[str, List[dict]]], seeds: int) -> str:
     """The results table (mean ± spread over seeds) and a plain statement about the noise.
 
-    Two sources of noise are checked: the test queries (a paired bootstrap over them, which one
-    seed already allows) and, with two or more seeds, training (the spread over seeds). A
-    difference is called outside the noise only when it is outside both.
+    Two sources of noise are checked: the test set (a paired bootstrap over its images, each with
+    all its captions, which one seed already allows) and, with two or more seeds, training (the
+    spread over seeds; with few seeds a rough bound). A difference is called outside the noise
+    only when it is outside both. Differences and intervals come from the per-query ranks.
     """
     lines = ["| split | model | " + " | ".join(name for _, name in METRICS) + " |",
              "|---|---|" + "---|" * len(METRICS)]
@@ -111,25 +112,25 @@ def summarise(results: Dict[str, Dict[str, List[dict]]], ranks: Dict[str, Dict[s
             cells = []
             for key, _ in METRICS:
                 vals = [100 * r[key] for r in runs]
-                cells.append(f"{mean(vals):.1f}" + (f" ± {pstdev(vals):.1f}" if len(vals) > 1 else ""))
+                cells.append(f"{mean(vals):.1f}" + (f" ± {stdev(vals):.1f}" if len(vals) > 1 else ""))
             lines.append(f"| {split} | {label} | " + " | ".join(cells) + " |")
     notes = []
     for split, _ in SPLITS:
         for other in ("Vanilla", "CL"):
             for direction, k, name in (("image", 1, "T2I R@1"), ("text", 1, "I2T R@1"),
                                        ("image", 10, "T2I R@10"), ("text", 10, "I2T R@10")):
-                key = f"{direction}_retrieval_recall@{k}"
-                a = [100 * r[key] for r in results[split]["ConLIP"]]
-                b = [100 * r[key] for r in results[split][other]]
-                diff = mean(a) - mean(b)
-                low, high = bootstrap_interval(hits(ranks[split]["ConLIP"], direction, k),
-                                               hits(ranks[split][other], direction, k))
+                mine, theirs = ranks[split]["ConLIP"], ranks[split][other]
+                hits_a, hits_b = hits(mine, direction, k), hits(theirs, direction, k)
+                diff = 100 * float(hits_a.mean() - hits_b.mean())
+                low, high = bootstrap_interval(hits_a, hits_b, query_images(mine[0], direction))
                 outside = low > 0 or high < 0
-                detail = f"95% bootstrap interval over the test queries [{low:+.1f}, {high:+.1f}]"
+                detail = f"95% bootstrap interval over the test images [{low:+.1f}, {high:+.1f}]"
                 if seeds < 2:
                     detail += "; one seed only, so the spread over training seeds (usually the larger noise) is not measured"
                 else:
-                    noise = 2 * math.sqrt((pstdev(a) ** 2 + pstdev(b) ** 2) / seeds)
+                    a = [100 * float((r[direction] < k).double().mean()) for r in mine]
+                    b = [100 * float((r[direction] < k).double().mean()) for r in theirs]
+                    noise = 2 * math.sqrt((stdev(a) ** 2 + stdev(b) ** 2) / seeds)
                     outside = outside and abs(diff) > noise
                     detail += f"; 2 standard errors over seeds = {noise:.1f}"
                 verdict = "outside the noise" if outside else "inside the noise"
@@ -142,6 +143,13 @@ def hits(runs: List[dict], direction: str, k: int) -> "torch.Tensor":
     import torch
 
     return torch.stack([(r[direction] < k).double() for r in runs]).mean(0)
+
+
+def query_images(ranks: dict, direction: str) -> "torch.Tensor":
+    """The test image each query belongs to: a T2I query is a caption, an I2T query an image."""
+    import torch
+
+    return ranks["caption_image"] if direction == "image" else torch.arange(len(ranks["text"]))
 
 
 def rank_check(results: Dict[str, Dict[str, List[dict]]], ranks: Dict[str, Dict[str, List[dict]]]) -> float:
@@ -185,16 +193,17 @@ def embed(model_name: str, ckpt: Path, root: Path, files: List[str], captions: L
     import torch
     from PIL import Image
 
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(ckpt))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(ckpt), device=device)
     tokenizer = open_clip.get_tokenizer(model_name)
     model.eval()
     with torch.no_grad():
         image_emb = torch.cat([model.encode_image(torch.stack([preprocess(Image.open(root / f).convert("RGB"))
-                                                               for f in files[i:i + 256]]), normalize=True)
+                                                               for f in files[i:i + 256]]).to(device), normalize=True)
                                for i in range(0, len(files), 256)])
-        text_emb = torch.cat([model.encode_text(tokenizer(captions[i:i + 256]), normalize=True)
+        text_emb = torch.cat([model.encode_text(tokenizer(captions[i:i + 256]).to(device), normalize=True)
                               for i in range(0, len(captions), 256)])
-    return image_emb, text_emb
+    return image_emb.float().cpu(), text_emb.float().cpu()
 
 
 def query_ranks(model_name: str, ckpt: Path, root: Path) -> Dict[str, "torch.Tensor"]:
@@ -205,7 +214,8 @@ def query_ranks(model_name: str, ckpt: Path, root: Path) -> Dict[str, "torch.Ten
     pairs = read_pairs(root)
     files = sorted({f for f, _ in pairs})
     image_emb, text_emb = embed(model_name, ckpt, root, files, [c for _, c in pairs])
-    return retrieval_ranks(text_emb @ image_emb.t(), torch.tensor([files.index(f) for f, _ in pairs]))
+    truth = torch.tensor([files.index(f) for f, _ in pairs])
+    return dict(retrieval_ranks(text_emb @ image_emb.t(), truth), caption_image=truth)
 
 
 def retrieval_ranks(scores: "torch.Tensor", truth: "torch.Tensor") -> Dict[str, "torch.Tensor"]:
@@ -226,12 +236,22 @@ def retrieval_ranks(scores: "torch.Tensor", truth: "torch.Tensor") -> Dict[str, 
     return {"image": t2i, "text": i2t}
 
 
-def bootstrap_interval(hits_a: "torch.Tensor", hits_b: "torch.Tensor", reps: int = 2000) -> Tuple[float, float]:
-    """95% paired-bootstrap interval, over the test queries, of mean(hits_a) − mean(hits_b) in points."""
+def bootstrap_interval(hits_a: "torch.Tensor", hits_b: "torch.Tensor", image: "torch.Tensor",
+                       reps: int = 2000) -> Tuple[float, float]:
+    """95% paired-bootstrap interval of mean(hits_a) − mean(hits_b), in points.
+
+    Whole test images are resampled, each with all its queries (``image``: the image of each
+    query): an image's captions are not independent samples, and resampling them one by one
+    would make the interval too narrow.
+    """
     import torch
 
-    index = torch.randint(len(hits_a), (reps, len(hits_a)), generator=torch.Generator().manual_seed(0))
-    diffs = 100 * (hits_a[index].mean(1) - hits_b[index].mean(1))
+    n = int(image.max()) + 1
+    sum_a = torch.zeros(n, dtype=torch.float64).index_add_(0, image, hits_a)
+    sum_b = torch.zeros(n, dtype=torch.float64).index_add_(0, image, hits_b)
+    count = torch.bincount(image, minlength=n).double()
+    index = torch.randint(n, (reps, n), generator=torch.Generator().manual_seed(0))
+    diffs = 100 * (sum_a[index].sum(1) - sum_b[index].sum(1)) / count[index].sum(1)
     low, high = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return low, high
 
@@ -273,12 +293,19 @@ def gallery(model_name: str, ckpt: Path, root: Path, report: Path, queries: int 
         "<table border=1 cellpadding=4>" + "".join(rows_html) + "</table></body></html>\n")
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--seeds", type=int, default=None,
+    parser.add_argument("--seeds", type=positive_int, default=None,
                         help="default: 3 on a GPU; 1 on a CPU, where one seed fills the 30-minute budget")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=positive_int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--smoke", action="store_true",
@@ -299,8 +326,10 @@ def main() -> None:
 
     say("building the emoji data (npm packages, cached after the first run)")
     data = out / "data"
-    subprocess.run([sys.executable, str(SCRIPTS / "emoji_data.py"), "--out", str(data)]
-                   + (["--smoke"] if args.smoke else []), check=True)
+    built = subprocess.run([sys.executable, str(SCRIPTS / "emoji_data.py"), "--out", str(data)]
+                           + (["--smoke"] if args.smoke else []))
+    if built.returncode != 0:
+        sys.exit(f"building the emoji data failed (exit {built.returncode}); its message is above")
 
     family = "conlip-tiny" if args.smoke else "conlip-emoji"
     results = {split: {label: [] for label, _ in VARIANTS} for split, _ in SPLITS}
@@ -321,11 +350,10 @@ def main() -> None:
                 ranks[split][label].append(query_ranks(model, ckpt, data / folder))
 
     say("measuring the heads' attention to the instance slot (paper Table 2)")
-    subprocess.run([sys.executable, str(SCRIPTS / "analyze_attention.py"), "--csv", str(data / "train" / "train.csv"),
-                    "--batches", "4", "--batch-size", "64", "--out", str(report),
-                    "--checkpoint", f"ConLIP={family}:{checkpoints[('ConLIP', 0)]}",
-                    "--checkpoint", f"Vanilla={family}-vanilla:{checkpoints[('Vanilla', 0)]}"],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stream([sys.executable, str(SCRIPTS / "analyze_attention.py"), "--csv", str(data / "train" / "train.csv"),
+            "--batches", "4", "--batch-size", "64", "--out", str(report),
+            "--checkpoint", f"ConLIP={family}:{checkpoints[('ConLIP', 0)]}",
+            "--checkpoint", f"Vanilla={family}-vanilla:{checkpoints[('Vanilla', 0)]}"], out / "analysis.log")
     say("drawing loss curves and the retrieval gallery")
     plot_losses(curves, report / "losses.png")
     gallery(family, checkpoints[("ConLIP", 0)], data / "test-cross-style", report)

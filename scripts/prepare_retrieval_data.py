@@ -44,11 +44,12 @@ import shutil
 import sys
 import tarfile
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, NoReturn
 
-from braceexpand import braceexpand
+from open_clip_train.data import expand_urls
 from tqdm import tqdm
 
 FLICKR_HEADER = "image,caption"  # clip_benchmark's Flickr reader skips the first line unread
@@ -362,6 +363,8 @@ def check(dataset_name: str, root: Path, expect_images: int | None = None) -> La
         items = read_flickr_annotation(annotation)
     else:
         items, ignored = read_coco_annotation(annotation)
+    if not items:
+        fail(f"{annotation} lists no images: clip_benchmark would crash on it (IndexError). {fix}")
     without = [name for name, captions in items if not captions]
     if without:
         fail(f"{annotation}: {len(without)} images have no captions ({_listing(without)}); "
@@ -541,9 +544,19 @@ def is_usable(members: dict[str, tarfile.TarInfo]) -> bool:
     return "txt" in members and any(e in members for e in IMAGE_EXTENSIONS)
 
 
+@contextmanager
+def reading_shard(path: Path) -> Iterator[tarfile.TarFile]:
+    """An input shard, opened for reading; a truncated or corrupt one stops the run, named."""
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            yield tar
+    except (OSError, EOFError, tarfile.TarError) as error:
+        fail(f"{path}: cannot read this shard ({error}); re-download it, or leave it out of the pattern.")
+
+
 def count_usable(path: Path) -> tuple[int, int]:
     """(usable, unusable) samples of a shard, from its member headers only."""
-    with tarfile.open(path, "r:*") as tar:
+    with reading_shard(path) as tar:
         flags = [is_usable(members) for _, members in tar_samples(tar)]
     return sum(flags), len(flags) - sum(flags)
 
@@ -561,7 +574,7 @@ def selected_samples(paths: list[Path], usable: list[int], count: int, seed: int
             break
         if n == 0:
             continue
-        with tarfile.open(path, "r:*") as tar:
+        with reading_shard(path) as tar:
             for key, members in tar_samples(tar):
                 if not is_usable(members):
                     continue
@@ -580,7 +593,7 @@ def subset(pattern: str, count: int, seed: int, out: Path, shard_size: int = 100
     """A reproducible random subset of existing shards: first pass counts, second pass copies the chosen."""
     if count < 1 or shard_size < 1:
         fail("--count and --shard-size must be at least 1.")
-    paths = [Path(p) for p in sorted({p for part in pattern.split("::") for p in braceexpand(part)})]
+    paths = [Path(p) for p in sorted(set(expand_urls(pattern)[0]))]
     missing = [p for p in paths if not p.is_file()]
     if missing:
         fail(f"{len(missing)} of {len(paths)} shards of {pattern!r} are missing: {_listing(missing)}.")

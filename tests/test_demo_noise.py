@@ -38,8 +38,9 @@ def test_retrieval_ranks_match_loops_with_ties():
 
 def test_bootstrap_interval_is_degenerate_for_identical_or_opposite_models():
     ones, zeros = torch.ones(200, dtype=torch.float64), torch.zeros(200, dtype=torch.float64)
-    assert demo.bootstrap_interval(ones, ones) == (0.0, 0.0)
-    assert demo.bootstrap_interval(ones, zeros) == (100.0, 100.0)
+    images = torch.arange(200) // 3
+    assert demo.bootstrap_interval(ones, ones, images) == (0.0, 0.0)
+    assert demo.bootstrap_interval(ones, zeros, images) == (100.0, 100.0)
 
 
 def test_bootstrap_interval_matches_the_normal_approximation():
@@ -50,13 +51,24 @@ def test_bootstrap_interval_matches_the_normal_approximation():
     mean_d = sum(d) / len(d)
     sd = math.sqrt(sum((x - mean_d) ** 2 for x in d) / (len(d) - 1))
     half = 100 * 1.96 * sd / math.sqrt(len(d))
-    low, high = demo.bootstrap_interval(a, b)
+    low, high = demo.bootstrap_interval(a, b, torch.arange(2000))
     assert abs((low + high) / 2 - 100 * mean_d) < 0.2 * half
     assert abs((high - low) / 2 - half) < 0.1 * half
 
 
+def test_bootstrap_resamples_images_with_all_their_captions():
+    """Three identical captions per image carry one image's worth of evidence, not three."""
+    g = torch.Generator().manual_seed(2)
+    a = (torch.rand(600, generator=g) < 0.40).double()
+    b = (torch.rand(600, generator=g) < 0.35).double()
+    low, high = demo.bootstrap_interval(a, b, torch.arange(600))
+    tripled = demo.bootstrap_interval(a.repeat_interleave(3), b.repeat_interleave(3), torch.arange(1800) // 3)
+    assert abs((tripled[1] - tripled[0]) - (high - low)) < 0.1 * (high - low)
+
+
 def _fake_runs(t2i_rank_of_query, seeds=1):
-    ranks = {"image": torch.tensor(t2i_rank_of_query), "text": torch.tensor(t2i_rank_of_query)}
+    ranks = {"image": torch.tensor(t2i_rank_of_query), "text": torch.tensor(t2i_rank_of_query),
+             "caption_image": torch.arange(len(t2i_rank_of_query))}
     metrics = {f"{d}_retrieval_recall@{k}": float((ranks[d] < k).double().mean())
                for d in ("image", "text") for k in (1, 5, 10)}
     return [metrics] * seeds, [ranks] * seeds

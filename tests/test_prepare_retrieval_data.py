@@ -466,3 +466,20 @@ def test_subset_selection_covers_every_shard(fixtures, tmp_path):
         assert len(set(keys)) == 9
         seen.update(keys)
     assert set(seen) == {k for k, m in source.items() if "txt" in m}
+
+
+def test_truncated_shard_is_named(fixtures, tmp_path):
+    _source_shards(fixtures, tmp_path / "cc")
+    victim = tmp_path / "cc" / "00001.tar"
+    victim.write_bytes(victim.read_bytes()[:700])
+    with pytest.raises(SystemExit, match=r"00001\.tar: cannot read this shard .*re-download it"):
+        prd.subset(str(tmp_path / "cc" / "{00000..00002}.tar"), 3, 0, tmp_path / "out")
+
+
+def test_annotation_without_images_is_refused(fixtures, tmp_path):
+    root = tmp_path / "flickr"
+    _layout(fixtures, "flickr30k", root)
+    annotation = root / "flickr30k_test_karpathy.txt"
+    annotation.write_text(annotation.read_text().splitlines()[0] + "\n")
+    with pytest.raises(SystemExit, match="lists no images"):
+        prd.check("flickr30k", root)
