@@ -8,6 +8,15 @@ from torch import nn
 from .masking import IGNORE_INDEX
 
 
+def _autocast_disabled(device: torch.device) -> torch.autocast:
+    """Autocast off on ``device``, for the losses' fp32 math.
+
+    Inside open_clip's autocast region a matmul casts even fp32 operands down, quantising logits
+    near 1/tau = 20 in steps of 1/64 (fp16) or 1/8 (bf16).
+    """
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def instance_contrastive_loss(
         queries: torch.Tensor,
         keys: torch.Tensor,
@@ -21,40 +30,45 @@ def instance_contrastive_loss(
 
     ``queries`` (B, D): normalised online embeddings of this rank; ``keys`` (G, D): normalised
     momentum keys of the global batch, query ``i``'s positive at ``offset + i``; ``queue`` (K, D).
-    DCL drops the positive from the log-sum-exp, InfoNCE keeps it. Computed in fp32.
+    DCL drops the positive from the log-sum-exp, InfoNCE keeps it. Computed in fp32, autocast off.
     """
     b = queries.shape[0]
-    candidates = torch.cat([keys, queue], dim=0).float()
-    logits = scale.float() * queries.float() @ candidates.t()
-    rows = torch.arange(b, device=logits.device)
-    positive_col = rows + offset
-    positive = logits[rows, positive_col]
-    in_batch = torch.zeros_like(logits, dtype=torch.bool)
-    in_batch[:, : keys.shape[0]] = True
-    is_positive = torch.zeros_like(in_batch)
-    is_positive[rows, positive_col] = True
-    excluded = is_positive if decoupled else torch.zeros_like(is_positive)
-    if not in_batch_negatives:
-        excluded = excluded | (in_batch & ~is_positive)
-    negatives = logits.masked_fill(excluded, float("-inf"))
-    return (torch.logsumexp(negatives, dim=1) - positive).mean()
+    with _autocast_disabled(queries.device):
+        candidates = torch.cat([keys, queue], dim=0).float()
+        logits = scale.float() * queries.float() @ candidates.t()
+        rows = torch.arange(b, device=logits.device)
+        positive_col = rows + offset
+        positive = logits[rows, positive_col]
+        in_batch = torch.zeros_like(logits, dtype=torch.bool)
+        in_batch[:, : keys.shape[0]] = True
+        is_positive = torch.zeros_like(in_batch)
+        is_positive[rows, positive_col] = True
+        excluded = is_positive if decoupled else torch.zeros_like(is_positive)
+        if not in_batch_negatives:
+            excluded = excluded | (in_batch & ~is_positive)
+        negatives = logits.masked_fill(excluded, float("-inf"))
+        return (torch.logsumexp(negatives, dim=1) - positive).mean()
 
 
 def masked_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the labels that are not ``IGNORE_INDEX`` (0 if there are none).
 
     The model passes a fixed number of rows per caption, filler rows ignored; dividing by the
-    count on device keeps the step free of host syncs.
+    count on device keeps the step free of host syncs. Computed in fp32, autocast off.
     """
-    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    with _autocast_disabled(logits.device):
+        total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def masked_pixel_loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean absolute error over the masked patches' pixels (SimMIM)."""
-    if predictions.numel() == 0:
-        return predictions.sum() * 0.0
-    return (predictions.float() - targets.float()).abs().mean()
+    """Mean absolute error over the masked patches' pixels (SimMIM), 0 if there are none.
+
+    Computed in fp32, autocast off.
+    """
+    with _autocast_disabled(predictions.device):
+        errors = (predictions.float() - targets.float()).abs()
+        return errors.mean() if errors.numel() else errors.sum()
 
 
 class ConLIPLoss(nn.Module):

@@ -424,3 +424,69 @@ def test_conlip_loss_gradients_reach_only_the_online_features():
     ref = reference_instance_loss(q64, out["text_momentum_features"], out["text_queue"], 20.0, 0, True, True)
     (g,) = torch.autograd.grad(ref, q64)
     torch.testing.assert_close(out["image_features"].grad.double(), g, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# autocast: every term in fp32, as if autocast were off (scale 20 = 1/tau: bf16 would show)
+# --------------------------------------------------------------------------------------------
+
+def _terms_and_grads(compute, inputs, autocast):
+    """The forward under CPU bf16 autocast (or not); the gradients outside it, as in open_clip."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        terms = compute(*inputs)
+    grads = {name: torch.autograd.grad(term, inputs, retain_graph=True, allow_unused=True, materialize_grads=True)
+             for name, term in terms.items()}
+    return terms, grads
+
+
+def _assert_autocast_proof(compute, *inputs):
+    """Each term of ``compute(*inputs)`` (a dict) under autocast is fp32 and equals the fp32 run without it."""
+    want, want_grads = _terms_and_grads(compute, inputs, autocast=False)
+    got, got_grads = _terms_and_grads(compute, inputs, autocast=True)
+    assert list(got) == list(want)
+    for name in want:
+        assert got[name].dtype == torch.float32, name
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5)
+        for g, w in zip(got_grads[name], want_grads[name]):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("decoupled", [True, False], ids=["dcl", "infonce"])
+def test_instance_loss_is_fp32_under_autocast(decoupled):
+    torch.manual_seed(16)
+    queries, keys, queue = _unit(8, 64).requires_grad_(True), _unit(8, 64), _unit(32, 64)
+    scale = torch.tensor(20.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = scale * queries @ keys.t()
+    assert (rounded.float() - scale * queries @ keys.t()).abs().max() > 1e-2
+    _assert_autocast_proof(
+        lambda q: {"loss": instance_contrastive_loss(q, keys, queue, scale, decoupled=decoupled)}, queries)
+
+
+def test_masked_token_loss_is_fp32_under_autocast():
+    torch.manual_seed(17)
+    logits = (torch.randn(8, 32) * 20).requires_grad_(True)
+    labels = torch.randint(0, 32, (8,))
+    labels[[2, 5]] = IGNORE_INDEX
+    _assert_autocast_proof(lambda x: {"loss": masked_token_loss(x, labels)}, logits)
+
+
+@pytest.mark.parametrize("rows,dtype", [(6, torch.float32), (0, torch.bfloat16)], ids=["masked", "none_masked"])
+def test_masked_pixel_loss_is_fp32_under_autocast(rows, dtype):
+    """With no patch masked the zero is fp32 too, though the head's output under autocast is bf16."""
+    torch.manual_seed(18)
+    predictions = (torch.randn(rows, 48) * 20).to(dtype).requires_grad_(True)
+    targets = torch.randn(rows, 48) * 20
+    _assert_autocast_proof(lambda p: {"loss": masked_pixel_loss(p, targets)}, predictions)
+
+
+@pytest.mark.parametrize("instance", ["dcl", "infonce"])
+def test_conlip_loss_terms_are_fp32_under_autocast(instance):
+    out = _outputs(8, 64, 1, 32, 32, 8, 6, 48, seed=19)
+    out["mlm_logits"] = out["mlm_logits"] * 20
+    inputs = ("image_features", "text_features", "mlm_logits", "mim_predictions")
+    for name in inputs:
+        out[name].requires_grad_(True)
+    loss = ConLIPLoss(instance)
+    _assert_autocast_proof(lambda *x: loss(**dict(out, **dict(zip(inputs, x))), output_dict=True),
+                           *(out[name] for name in inputs))
