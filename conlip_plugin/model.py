@@ -43,30 +43,11 @@ def _require_dir(path: Optional[str], what: str) -> str:
 
 
 def load_image_tower_weights(visual: nn.Module, path: str) -> None:
-    """Load a timm ViT checkpoint (.pth/.bin/.safetensors, or a big_vision .npz) into the trunk."""
-    import timm.models
-    from timm.models.vision_transformer import checkpoint_filter_fn
+    """Load the paper's starting point (timm's vit_base_patch16_224.orig_in21k, as timm .safetensors/
+    .pth/.bin or Google's .npz) into the timm trunk; anything that does not fit is refused."""
+    from .tower_weights import load_trunk_weights
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"conlip_cfg.image_weights: {path!r} is not a file (if it names an environment variable, "
-            f"set it). Give a local timm ViT checkpoint, e.g. vit_base_patch16_224.augreg_in21k as "
-            f".safetensors/.pth or its .npz, or remove image_weights from a copy of the config."
-        )
-    trunk = visual.trunk
-    if path.endswith(".npz"):
-        trunk.load_pretrained(path)
-        return
-    state = checkpoint_filter_fn(timm.models.load_state_dict(path), trunk)
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    result = trunk.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"conlip_cfg.image_weights: {path} does not fit vision_cfg.timm_model_name "
-            f"(missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}); "
-            f"use a checkpoint of the same ViT architecture."
-        )
-    logging.info("ConLIP: loaded image tower weights from %s", path)
+    load_trunk_weights(getattr(visual, "trunk", visual), path)
 
 
 def _adopt_checkpoint_image_size(module: "ConLIP", state_dict: dict, prefix: str, *args) -> None:
