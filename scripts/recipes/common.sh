@@ -7,5 +7,3 @@ cooldown_epochs=$(( EPOCHS - (EPOCHS + 9) / 10 ))
 PAPER_OPTIM=(--lr 5e-5 --wd 0.01 --beta1 0.9 --beta2 0.999 --eps 1e-8 --epochs "$EPOCHS"
   --warmup "$warmup" --lr-scheduler const-cooldown --epochs-cooldown "$cooldown_epochs"
   --lr-cooldown-power 1.0 --lr-cooldown-end 0 --precision amp)
-# ImageNet-21k AugReg ViT-B/16 weights were trained with mean = std = 0.5.
-VIT_NORM=(--image-mean 0.5 0.5 0.5 --image-std 0.5 0.5 0.5)

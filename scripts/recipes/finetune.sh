@@ -16,5 +16,5 @@ sys.exit(f'no sizes.json beside {sys.argv[1]}: write the shards with prepare_ret
 source "$(dirname "$0")/common.sh"
 exec torchrun --nproc_per_node "$NPROC" -m open_clip_train.main --model "$model" --pretrained "$PRETRAINED" \
   --force-image-size 336 --train-data "$DATA" --dataset-type webdataset --train-num-samples "$NUM_SAMPLES" \
-  --batch-size "$BATCH_PER_GPU" --workers "${WORKERS:-8}" "${PAPER_OPTIM[@]}" "${VIT_NORM[@]}" \
+  --batch-size "$BATCH_PER_GPU" --workers "${WORKERS:-8}" "${PAPER_OPTIM[@]}" \
   --save-frequency 1 --name "${NAME:-finetune-$DATASET-$VARIANT}" --resume latest "$@"

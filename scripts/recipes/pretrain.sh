@@ -11,5 +11,5 @@ case "$VARIANT" in conlip) model=conlip-vit-b16-bert ;; cl|vanilla) model=conlip
 source "$(dirname "$0")/common.sh"
 exec torchrun --nproc_per_node "$NPROC" -m open_clip_train.main --model "$model" \
   --train-data "$DATA" --dataset-type webdataset --train-num-samples "$NUM_SAMPLES" \
-  --batch-size "$BATCH_PER_GPU" --workers "${WORKERS:-8}" "${PAPER_OPTIM[@]}" "${VIT_NORM[@]}" \
+  --batch-size "$BATCH_PER_GPU" --workers "${WORKERS:-8}" "${PAPER_OPTIM[@]}" \
   --save-frequency 1 --name "${NAME:-pretrain-$VARIANT}" --resume latest "$@"
