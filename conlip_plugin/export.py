@@ -22,7 +22,7 @@ def export_inference_model(model_name: str, checkpoint: str, output_dir: str) ->
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from .config import is_conlip_config
+    from .names import is_conlip_config
 
     model_cfg = get_model_config(model_name)
     if not is_conlip_config(model_cfg):

@@ -13,7 +13,7 @@ For: open_clip_torch 3.3.x.
 """
 import functools
 
-from conlip_plugin.config import is_conlip_config, resolve_config_paths, wrapped_config
+from conlip_plugin.names import is_conlip_config, resolve_config_paths, wrapped_config
 
 
 def apply() -> None:

@@ -28,7 +28,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import conlip_plugin
-from conlip_plugin.config import resolve_config_paths
+from conlip_plugin.names import resolve_config_paths
 
 BERT_BASE = {"architectures": ["BertModel"], "model_type": "bert", "vocab_size": 30522, "hidden_size": 768,
              "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,

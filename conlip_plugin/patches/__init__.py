@@ -1,0 +1,13 @@
+"""Changes conlip-plugin makes to open_clip's behaviour, one module per change.
+
+The change files live in the repository's top-level ``patches/`` folder. A wheel copies them into
+this package; in a checkout (an editable install) this package reads them from that folder, so
+``conlip_plugin.patches.NAME`` is the same file either way. Each module has an idempotent
+``apply()``; all were written for, and are applied only on, open_clip_torch 3.3.x
+(``conlip_plugin.activation`` refuses other versions).
+"""
+from pathlib import Path
+
+_CHECKOUT = Path(__file__).resolve().parents[2]
+if (_CHECKOUT / "pyproject.toml").is_file() and (_CHECKOUT / "patches").is_dir():
+    __path__.append(str(_CHECKOUT / "patches"))
