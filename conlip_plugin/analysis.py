@@ -32,13 +32,13 @@ def instance_slot_attention(model: ConLIP, batches: Iterable[Tuple[torch.Tensor,
     heads = {name: getattr(model, f"{name}_head") for name in ("mlm", "mim") if hasattr(model, f"{name}_head")}
     if not heads:
         raise ValueError("this model has no token-level heads (a CL model): nothing to analyse")
-    if "mim" in heads and model.conlip_cfg.variant == "vanilla" and not isinstance(model._text_tokens, HFTextTokens):
+    if "mim" in heads and model.conlip_cfg.variant == "vanilla" and not isinstance(model.text_adapter, HFTextTokens):
         raise ValueError(
             "a Vanilla model on open_clip's causal text tower: its ConMIM memory starts with the start-of-text "
             "state, not the caption's instance state, so slot 0 does not compare with ConLIP's; analyse "
             "models with a CLS-first (Hugging Face) text tower."
         )
-    was_training, pending = model.training, model._pending_keys
+    was_training, pending = model.training, model.keys_to_enqueue
     model.eval()
     samples: Dict[str, List[torch.Tensor]] = {}
     for head in heads.values():
@@ -56,7 +56,7 @@ def instance_slot_attention(model: ConLIP, batches: Iterable[Tuple[torch.Tensor,
     finally:
         for head in heads.values():
             head.record_cross_attention(False)
-        model._pending_keys = pending
+        model.keys_to_enqueue = pending
         model.train(was_training)
     out = {}
     for key, parts in samples.items():

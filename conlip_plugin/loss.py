@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ConLIPCfg
 from .masking import IGNORE_INDEX
 
 
@@ -88,6 +89,11 @@ class ConLIPLoss(nn.Module):
         self.in_batch_negatives = in_batch_negatives
         self.names = names or {"instance": f"{instance_loss}_loss", "mlm": "conmlm_loss", "mim": "conmim_loss"}
         self.rank = rank
+
+    @classmethod
+    def from_cfg(cls, cfg: ConLIPCfg, rank: int = 0) -> "ConLIPLoss":
+        """The loss a model with this ``conlip_cfg`` trains with, on process ``rank``."""
+        return cls(cfg.instance_loss, cfg.in_batch_negatives, cfg.loss_names(), rank=rank)
 
     def forward(
             self,

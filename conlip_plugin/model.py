@@ -6,30 +6,25 @@ forward runs the spec's passes (A)-(D), the momentum passes, and both heads, and
 :class:`conlip_plugin.loss.ConLIPLoss` needs. The momentum encoders and queues change only in
 an optimizer step post-hook, so an AMP step that the scaler skips changes neither.
 """
-import logging
 import math
 import os
 import weakref
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from open_clip.model import CustomTextCLIP, resize_pos_embed
+from open_clip.model import CustomTextCLIP
 
+from .checkpoint_loading import TRAINING_ONLY_PREFIXES, adopt_checkpoint_image_size, complete_plain_weights
 from .config import ConLIPCfg
 from .heads import ConditionedHead, MLMPredictionHead, init_head_weights
 from .masking import IGNORE_INDEX, PatchMasker, TextMasker, patchify, true_positions_first
 from .momentum import FeatureQueue, ema_update_, gather_keys, momentum_copy
+from .tower_weights import load_image_tower_weights
 from .towers import TimmViTTokens, TowerError, image_tokens_for, text_tokens_for
-
-TRAINING_ONLY_PREFIXES = (
-    "momentum_visual.", "momentum_text.", "image_queue.", "text_queue.", "image_mask_token", "text_mask_token",
-    "mlm_head.", "mlm_predictor.", "mim_head.", "mim_predictor.",
-)
-MOMENTUM_TWINS = (("momentum_visual.", "visual."), ("momentum_text.", "text."))
 
 
 def _require_dir(path: Optional[str], what: str) -> str:
@@ -40,71 +35,6 @@ def _require_dir(path: Optional[str], what: str) -> str:
             f"environment variable it names) at the folder."
         )
     return path
-
-
-def load_image_tower_weights(visual: nn.Module, path: str) -> None:
-    """Load the paper's starting point (timm's vit_base_patch16_224.orig_in21k, as timm .safetensors/
-    .pth/.bin or Google's .npz) into the timm trunk; anything that does not fit is refused."""
-    from .tower_weights import load_trunk_weights
-
-    load_trunk_weights(getattr(visual, "trunk", visual), path)
-
-
-def _adopt_checkpoint_image_size(module: "ConLIP", state_dict: dict, prefix: str, *args) -> None:
-    """A checkpoint fine-tuned at another image size (e.g. 336) carries its position embeddings:
-    resize each image tower to them before loading, so that the checkpoint loads as it was
-    trained (open_clip 3.3 resizes position embeddings of its own ViT only, not of timm towers)."""
-    if not hasattr(getattr(module.visual, "trunk", None), "patch_embed"):
-        _resize_momentum_pos_embed(module, state_dict, prefix)
-        return
-    for name in ("visual", "momentum_visual"):
-        tower = getattr(module, name)
-        trunk = tower.trunk
-        saved = state_dict.get(f"{prefix}{name}.trunk.pos_embed")
-        current = getattr(trunk, "pos_embed", None)
-        if saved is None or current is None or saved.shape == current.shape:
-            continue
-        patches = saved.shape[1] - (0 if getattr(trunk, "no_embed_class", False) else trunk.num_prefix_tokens)
-        side = math.isqrt(patches)
-        if side * side == patches:
-            patch = trunk.patch_embed.patch_size
-            size = side * int(patch[0] if isinstance(patch, (tuple, list)) else patch)
-            logging.info("ConLIP: %s was saved at image size %d; resizing it to match", name, size)
-            tower.set_input_size(size)
-
-
-def _resize_momentum_pos_embed(module: "ConLIP", state_dict: dict, prefix: str) -> None:
-    """open_clip's own ViT: ``load_checkpoint`` resizes ``visual.positional_embedding`` to the
-    model's grid (e.g. ``force_image_size``) but not the momentum tower's; resize it the same way."""
-    key = prefix + "momentum_visual.positional_embedding"
-    saved = state_dict.get(key)
-    current = getattr(module.momentum_visual, "positional_embedding", None)
-    if saved is None or current is None or saved.shape == current.shape:
-        return
-    as_online = {"visual.positional_embedding": saved}
-    resize_pos_embed(as_online, module)
-    state_dict[key] = as_online["visual.positional_embedding"]
-
-
-def _complete_plain_weights(module: "ConLIP", state_dict: dict, prefix: str, *args) -> None:
-    """Plain open_clip weights (no momentum encoders, queues or heads): the momentum encoders start
-    as copies of the loaded towers, the heads and queues as initialised, and the temperature stays
-    ConLIP's (a CLIP checkpoint's learned ``logit_scale`` is not τ)."""
-    if any(k.startswith(prefix + "momentum_") for k in state_dict):
-        return
-    if not any(k.startswith(prefix + "visual.") for k in state_dict):
-        return
-    own = module.state_dict()
-    for key, value in own.items():
-        if not key.startswith(TRAINING_ONLY_PREFIXES):
-            continue
-        twin = next((key.replace(m, o, 1) for m, o in MOMENTUM_TWINS if key.startswith(m)), None)
-        if twin is not None and prefix + twin in state_dict:
-            state_dict[prefix + key] = state_dict[prefix + twin].clone()
-        else:
-            state_dict[prefix + key] = value
-    state_dict[prefix + "logit_scale"] = own["logit_scale"]
-    logging.info("ConLIP: loaded plain open_clip weights; momentum encoders copied from them, heads and queues fresh")
 
 
 class ConLIP(CustomTextCLIP):
@@ -146,14 +76,14 @@ class ConLIP(CustomTextCLIP):
         # Momentum copies come after the pretrained weights are in.
         self.momentum_visual = momentum_copy(self.visual)
         self.momentum_text = momentum_copy(self.text)
-        # Token-level access is needed by the heads only; CL uses the towers' own forwards.
+        # Token-level access to each tower (towers.py), for the heads only; CL uses the towers' forwards.
         pieces = cfg.head_pieces()
-        self._image_tokens = image_tokens_for(self.visual, pieces) if cfg.uses_heads else None
-        self._text_tokens = text_tokens_for(self.text, pieces) if cfg.uses_heads else None
+        self.image_adapter = image_tokens_for(self.visual, pieces) if cfg.uses_heads else None
+        self.text_adapter = text_tokens_for(self.text, pieces) if cfg.uses_heads else None
         if cfg.image_checkpoint_blocks and not cfg.uses_heads:
             raise TowerError("conlip_cfg.image_checkpoint_blocks applies to the heads' image passes; a 'cl' "
                              "model has none: set it to 0 and use --grad-checkpointing instead.")
-        if cfg.image_checkpoint_blocks and not isinstance(self._image_tokens, TimmViTTokens):
+        if cfg.image_checkpoint_blocks and not isinstance(self.image_adapter, TimmViTTokens):
             raise TowerError("conlip_cfg.image_checkpoint_blocks needs a timm ViT; use --grad-checkpointing instead.")
         self.image_queue = FeatureQueue(cfg.queue_size, embed_dim)
         self.text_queue = FeatureQueue(cfg.queue_size, embed_dim)
@@ -163,14 +93,18 @@ class ConLIP(CustomTextCLIP):
             n for n, _ in list(self.named_parameters()) + list(self.named_buffers())
             if n.startswith(("momentum_visual.", "momentum_text.", "image_queue.", "text_queue."))
         ]
-        self._pending_keys: Optional[tuple] = None
+        # The hand-off from the training forward to the optimizer post-step hook: the forward leaves
+        # the (image, text) momentum keys of the global batch here, and ``momentum_step`` writes them
+        # to the queues after a real optimizer step and clears it. A step the AMP scaler skips never
+        # runs the hook, so its keys are replaced by the next forward's and never enqueued.
+        self.keys_to_enqueue: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._register_step_hook()
         # Plain weights first get their momentum copies, which are then resized with the towers.
-        self.register_load_state_dict_pre_hook(_complete_plain_weights)
-        self.register_load_state_dict_pre_hook(_adopt_checkpoint_image_size)
+        self.register_load_state_dict_pre_hook(complete_plain_weights)
+        self.register_load_state_dict_pre_hook(adopt_checkpoint_image_size)
 
     def _build_masking_and_heads(self, cfg: ConLIPCfg, text_cfg: dict) -> None:
-        vit, txt = self._image_tokens, self._text_tokens
+        vit, txt = self.image_adapter, self.text_adapter
         if cfg.masked_image_pass:
             self.image_mask_token = nn.Parameter(torch.zeros(vit.width))
             nn.init.trunc_normal_(self.image_mask_token, std=0.02)
@@ -224,11 +158,11 @@ class ConLIP(CustomTextCLIP):
         """EMA of the momentum encoders, then write the last training batch's keys to the queues."""
         momentum, online = self._online_and_momentum_params()
         ema_update_(momentum, online, self.conlip_cfg.momentum)
-        if self._pending_keys is not None:
-            image_keys, text_keys = self._pending_keys
+        if self.keys_to_enqueue is not None:
+            image_keys, text_keys = self.keys_to_enqueue
             self.image_queue.enqueue(image_keys)
             self.text_queue.enqueue(text_keys)
-            self._pending_keys = None
+            self.keys_to_enqueue = None
 
     # --- forward ------------------------------------------------------------------------------
 
@@ -252,14 +186,14 @@ class ConLIP(CustomTextCLIP):
             if momentum.img_size != online.img_size:
                 self.momentum_visual.set_input_size(online.img_size)
         masker = getattr(self, "patch_masker", None)
-        grid = masker and self._image_tokens.grid_size(self.visual)
+        grid = masker and self.image_adapter.grid_size(self.visual)
         if masker is not None and masker.grid_size != grid:
             cfg = self.conlip_cfg
-            self.patch_masker = PatchMasker(grid, self._image_tokens.patch_size, cfg.image_mask_ratio,
+            self.patch_masker = PatchMasker(grid, self.image_adapter.patch_size, cfg.image_mask_ratio,
                                             cfg.image_mask_block)
 
     def forward_train(self, image: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:
-        cfg, vit, txt = self.conlip_cfg, self._image_tokens, self._text_tokens
+        cfg, vit, txt = self.conlip_cfg, self.image_adapter, self.text_adapter
         b = image.shape[0]
         self._follow_input_size()
         patch_mask = masked_ids = mlm_labels = None
@@ -283,7 +217,7 @@ class ConLIP(CustomTextCLIP):
         with torch.no_grad():
             image_keys = gather_keys(F.normalize(self.momentum_visual(image).float(), dim=-1))
             text_keys = gather_keys(F.normalize(self.momentum_text(text).float(), dim=-1))
-        self._pending_keys = (image_keys, text_keys)
+        self.keys_to_enqueue = (image_keys, text_keys)
 
         if cfg.uses_heads:
             image_embedding = vit.embedding(self.visual, image_tokens)
@@ -301,10 +235,12 @@ class ConLIP(CustomTextCLIP):
         }
         conditioned = cfg.variant == "conlip"
         if cfg.mlm:
-            # ConLIP: [complete image's CLS (A, with gradient) ; masked image's patches (C)].
-            memory = (torch.cat([image_tokens[:, :1], masked_image_tokens[:, 1:]], dim=1)
-                      if conditioned else image_tokens)
-            states = self.mlm_head(masked_text_tokens, txt.attention_mask(masked_ids), memory)
+            # ConLIP: [complete image's instance state (A, with gradient) ; masked image's patches (C)].
+            if conditioned:
+                memory, memory_mask = vit.conditioned_memory(image_tokens, masked_image_tokens)
+            else:
+                memory, memory_mask = image_tokens, None
+            states = self.mlm_head(masked_text_tokens, txt.attention_mask(masked_ids), memory, memory_mask)
             # A fixed number of positions per caption (the chosen ones, then ignored filler).
             picked = true_positions_first(mlm_labels != IGNORE_INDEX, self.text_masker.max_chosen(text.shape[1]))
             rows = torch.take_along_dim(states, picked[..., None], dim=1)
@@ -313,7 +249,8 @@ class ConLIP(CustomTextCLIP):
         if cfg.mim:
             # ConLIP: [complete text's instance state (B, with gradient) ; masked text's tokens (D)].
             if conditioned:
-                memory, memory_mask = txt.conditioned_memory(self.text, text_tokens, text, masked_text_tokens, masked_ids)
+                memory, memory_mask = txt.conditioned_memory(self.text, text_tokens, text, masked_text_tokens,
+                                                             masked_ids)
             else:
                 memory, memory_mask = text_tokens, txt.attention_mask(text)
             states = self.mim_head(masked_image_tokens[:, 1:], None, memory, memory_mask)

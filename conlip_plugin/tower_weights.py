@@ -34,10 +34,12 @@ _NPZ_BLOCK = re.compile(r"Transformer/encoderblock_(\d+)/")
 Arch = Tuple[int, int, Optional[Tuple[int, int]]]
 
 
-def load_trunk_weights(trunk: nn.Module, path: str) -> None:
-    """Load a timm ViT state dict (.safetensors/.pth/.bin) or a Google/big_vision .npz into ``trunk``."""
+def load_image_tower_weights(visual: nn.Module, path: str) -> None:
+    """Load a timm ViT state dict (.safetensors/.pth/.bin) or a Google/big_vision .npz into the
+    timm trunk of open_clip's image tower."""
     from timm.models.vision_transformer import VisionTransformer
 
+    trunk = getattr(visual, "trunk", visual)
     if not isinstance(trunk, VisionTransformer):
         raise ValueError(f"conlip_cfg.image_weights needs a timm ViT image tower (vision_cfg.timm_model_name), "
                          f"not {type(trunk).__name__}; remove image_weights from a copy of the config.")

@@ -41,7 +41,16 @@ def _where_masked(x: torch.Tensor, mask: Optional[torch.Tensor], token: Optional
     return torch.where(mask.view(x.shape[:-1] + (1,)), token.to(x.dtype), x)
 
 
-class TimmViTTokens:
+class CLSFirstImageTokens:
+    """What every image adapter shares: token states start with the CLS (instance) state."""
+
+    @staticmethod
+    def conditioned_memory(complete: torch.Tensor, masked: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        """The ConMLM memory: [complete image's CLS state ; masked image's patch states]; no padding."""
+        return torch.cat([complete[:, :1], masked[:, 1:]], dim=1), None
+
+
+class TimmViTTokens(CLSFirstImageTokens):
     """A timm ViT inside open_clip's ``TimmModel``: timm's ``forward_features`` with the mask token
     put between the patch and the position embeddings, and optionally some blocks recomputed."""
 
@@ -85,7 +94,7 @@ class TimmViTTokens:
         return visual.head(visual.trunk.forward_head(tokens))
 
 
-class OpenClipViTTokens:
+class OpenClipViTTokens(CLSFirstImageTokens):
     """open_clip's own ``VisionTransformer`` (CLS pooling, norm before pooling)."""
 
     def __init__(self, visual: VisionTransformer, piece: str):
@@ -172,8 +181,8 @@ class HFTextTokens:
         return text.proj(tokens[:, text.pooler.cls_token_position])
 
     def conditioned_memory(self, text: nn.Module, complete: torch.Tensor, complete_ids: torch.Tensor,
-                           masked: torch.Tensor, masked_ids: torch.Tensor):
-        """[complete text's CLS ; masked text's tokens after its CLS], padding masked out."""
+                           masked: torch.Tensor, masked_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The ConMIM memory: [complete text's CLS ; masked text's tokens after its CLS], padding masked out."""
         memory = torch.cat([complete[:, :1], masked[:, 1:]], dim=1)
         valid = self.attention_mask(masked_ids)
         return memory, torch.cat([torch.ones_like(valid[:, :1]), valid[:, 1:]], dim=1)
@@ -233,9 +242,9 @@ class OpenClipTextTokens:
         return pooled @ text.text_projection
 
     def conditioned_memory(self, text: nn.Module, complete: torch.Tensor, complete_ids: torch.Tensor,
-                           masked: torch.Tensor, masked_ids: torch.Tensor):
-        """[complete text's end-of-text state ; masked text's tokens], padding and the masked pass's
-        own end-of-text slot masked out."""
+                           masked: torch.Tensor, masked_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The ConMIM memory: [complete text's end-of-text state ; masked text's tokens], padding and
+        the masked pass's own end-of-text slot masked out."""
         rows = torch.arange(complete.shape[0], device=complete.device)
         instance = complete[rows, self._instance_index(text, complete, complete_ids)][:, None]
         valid = self.attention_mask(masked_ids)

@@ -34,7 +34,7 @@ def conlip_loss_for(args, model_cfg: dict):
         raise SystemExit(f"conlip-plugin: model {args.model!r} cannot train with these flags:\n- "
                          + "\n- ".join(problems))
     cfg = ConLIPCfg.from_dict(model_cfg["conlip_cfg"])
-    return ConLIPLoss(cfg.instance_loss, cfg.in_batch_negatives, cfg.loss_names(), rank=args.rank)
+    return ConLIPLoss.from_cfg(cfg, rank=args.rank)
 
 
 def apply() -> None:

@@ -11,6 +11,8 @@ PYTHON = sys.executable
 TERMS = ("Dcl_loss", "Conmlm_loss", "Conmim_loss")
 BATCH, QUEUE = 8, 64
 
+pytestmark = pytest.mark.slow
+
 
 def train_args(data: dict, kind: str, name: str, epochs: int, model: str = "conlip-tiny") -> list:
     args = ["--model", model, "--batch-size", str(BATCH), "--epochs", str(epochs), "--lr", "5e-4",

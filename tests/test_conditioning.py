@@ -139,8 +139,7 @@ def text_tokens(model, ids):
 
 
 def _loss_terms(model, out):
-    cfg = model.conlip_cfg
-    return ConLIPLoss(cfg.instance_loss, cfg.in_batch_negatives, cfg.loss_names())(**out, output_dict=True)
+    return ConLIPLoss.from_cfg(model.conlip_cfg)(**out, output_dict=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,7 +231,7 @@ def test_conmim_memory_is_complete_text_cls_then_masked_tokens(conlip):
     assert call["query_mask"] is None
     # predictions only at masked patches; targets are those patches' pixels
     assert out["mim_predictions"].shape[0] == int(patch_mask.sum())
-    p = model._image_tokens.patch_size
+    p = model.image_adapter.patch_size
     gw = 64 // p
     rows = [(b, j) for b in range(B) for j in range(patch_mask.shape[1]) if patch_mask[b, j]]
     for r, (b, j) in enumerate(rows[:5]):
@@ -325,7 +324,7 @@ def test_eval_forward_is_plain_clip_and_changes_nothing(conlip):
         torch.manual_seed(7)
         image = torch.randn(B, 3, 64, 64)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        pending = model._pending_keys
+        pending = model.keys_to_enqueue
         out = model(image, text)
         assert set(out) == {"image_features", "text_features", "logit_scale"}
         with torch.no_grad():
@@ -340,7 +339,7 @@ def test_eval_forward_is_plain_clip_and_changes_nothing(conlip):
         assert set(after) == set(state)
         for k, v in state.items():
             assert torch.equal(after[k], v), k
-        assert model._pending_keys is pending
+        assert model.keys_to_enqueue is pending
     finally:
         model.train()
 
@@ -362,7 +361,7 @@ def test_train_features_equal_eval_encoders(conlip):
     torch.testing.assert_close(out["text_features"].detach(), want_txt, rtol=1e-4, atol=1e-5)
     assert out["image_features"].requires_grad and out["text_features"].requires_grad
     assert out["logit_scale"].item() == pytest.approx(1.0 / model.conlip_cfg.temperature, rel=1e-5)
-    model._pending_keys = None
+    model.keys_to_enqueue = None
 
 
 def test_patch_dropout_is_refused_with_the_fix():

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import conlip_plugin
-from conlip_plugin.model import load_image_tower_weights
+from conlip_plugin.tower_weights import load_image_tower_weights
 
 IN21K_CLASSES = 21843
 

@@ -490,3 +490,11 @@ def test_conlip_loss_terms_are_fp32_under_autocast(instance):
     loss = ConLIPLoss(instance)
     _assert_autocast_proof(lambda *x: loss(**dict(out, **dict(zip(inputs, x))), output_dict=True),
                            *(out[name] for name in inputs))
+
+
+@pytest.mark.parametrize("cfg", [ConLIPCfg(), ConLIPCfg(variant="vanilla", instance_loss="infonce"),
+                                 ConLIPCfg(variant="cl", in_batch_negatives=False)], ids=["conlip", "vanilla", "cl"])
+def test_loss_from_cfg_takes_the_configs_switches(cfg):
+    loss = ConLIPLoss.from_cfg(cfg, rank=3)
+    assert (loss.decoupled, loss.in_batch_negatives, loss.names, loss.rank) == (
+        cfg.instance_loss == "dcl", cfg.in_batch_negatives, cfg.loss_names(), 3)

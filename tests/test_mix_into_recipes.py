@@ -61,6 +61,7 @@ def epoch_means(log: str) -> dict:
     return {k: {e: mean(v) for e, v in ep.items()} for k, ep in per.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", ["mixtest-native", "mixtest-hf"])
 @pytest.mark.parametrize("suffix,terms", [
     ("conlip-cl", {"Dcl_loss"}),

@@ -147,7 +147,7 @@ def _reset(model):
                 m.copy_(o)
         for q in (model.image_queue, model.text_queue):
             q.ptr.zero_()
-    model._pending_keys = None
+    model.keys_to_enqueue = None
     model.zero_grad(set_to_none=True)
     model.train()
 
@@ -176,8 +176,7 @@ def _same(a, b):
 
 
 def _loss(model, out):
-    return ConLIPLoss(model.conlip_cfg.instance_loss, model.conlip_cfg.in_batch_negatives,
-                      model.conlip_cfg.loss_names())(**out)
+    return ConLIPLoss.from_cfg(model.conlip_cfg)(**out)
 
 
 def _trainable(model):
@@ -350,7 +349,7 @@ def test_eval_forward_queues_nothing(tiny):
     torch.manual_seed(14)
     with torch.no_grad():
         model(torch.randn(4, 3, 64, 64), text)
-    assert model._pending_keys is None
+    assert model.keys_to_enqueue is None
     model.train()
     before = _snapshot(model)
     # a step right after an eval forward: EMA yes, queue write no

@@ -195,6 +195,7 @@ def test_table2_tool_reads_images_with_the_config(configs, half_checkpoint, capt
     assert describe(loader.dataset.transforms) == {"resize": (64, "bicubic"), "center_crop": (64, 64), **HALF}
 
 
+@pytest.mark.slow
 def test_export_records_the_preprocessing_for_a_process_without_the_plugin(configs, half_checkpoint, tmp_path, run):
     from conlip_plugin.export import export_inference_model
 
@@ -215,6 +216,7 @@ def test_export_records_the_preprocessing_for_a_process_without_the_plugin(confi
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {**HALF, "resize": 64, "crop": [64, 64]}
 
 
+@pytest.mark.slow
 def test_stock_training_cli_trains_the_copy_without_normalisation_flags(configs, caption_data, tmp_path, run):
     from clip_benchmark.models import load_clip
 

@@ -54,9 +54,9 @@ def test_complete_and_masked_passes_as_one_batch_equal_two_batches(model):
     ids = open_clip.get_tokenizer("conlip-tiny")(["a red bar", "two blue circles on white", ""])
     corrupted = ids.clone()
     corrupted[:, 1] = 103
-    joint_text = model._text_tokens.tokens(model.text, torch.cat([ids, corrupted]))
-    assert torch.allclose(joint_text[:3], model._text_tokens.tokens(model.text, ids), atol=1e-5)
-    assert torch.allclose(joint_text[3:], model._text_tokens.tokens(model.text, corrupted), atol=1e-5)
+    joint_text = model.text_adapter.tokens(model.text, torch.cat([ids, corrupted]))
+    assert torch.allclose(joint_text[:3], model.text_adapter.tokens(model.text, ids), atol=1e-5)
+    assert torch.allclose(joint_text[3:], model.text_adapter.tokens(model.text, corrupted), atol=1e-5)
 
 
 def test_fixed_size_positions_hold_the_boolean_selection_in_order():
@@ -105,7 +105,7 @@ def test_fixed_size_mlm_and_mim_outputs_equal_boolean_indexing(model):
                                F.cross_entropy(straight_logits.double(), labels[selected]).float())
     patch_mask = seen["patch"]
     torch.testing.assert_close(out["mim_predictions"], model.mim_predictor(seen["mim"][patch_mask]))
-    p = model._image_tokens.patch_size
+    p = model.image_adapter.patch_size
     patches = images.reshape(4, 3, 4, p, 4, p).permute(0, 2, 4, 3, 5, 1).reshape(4, 16, -1)
     assert torch.equal(out["mim_targets"], patches[patch_mask])
 
