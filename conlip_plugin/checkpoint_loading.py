@@ -1,20 +1,44 @@
 """How checkpoints load into a ConLIP model: ``load_state_dict`` pre-hooks the model registers.
 
-A full ConLIP checkpoint (open_clip_train's ``epoch_N.pt``) loads as saved. Two other kinds need
-help before the strict load open_clip does: plain open_clip weights (no momentum encoders, queues
-or heads) and checkpoints saved at another image size (fine-tuning at 336 from 224).
+A full ConLIP checkpoint (open_clip_train's ``epoch_N.pt``) of the same settings loads as saved.
+Other kinds need help before the strict load open_clip does: plain open_clip weights (no momentum
+encoders, queues or heads), checkpoints saved at another image size (fine-tuning at 336 from
+224), and checkpoints of other ConLIP settings. Each checkpoint records the ``conlip_cfg`` and
+``embed_dim`` that made it (the model's extra state). Continuing a run (``--resume``, a plain
+``load_state_dict``) with other structural settings is refused, naming both; starting a run from
+a checkpoint (``--pretrained``, i.e. inside :func:`initialising_from_checkpoint`) loads what fits
+and starts the rest fresh, saying which.
 """
 import logging
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Dict, Iterator, List, Optional
 
 from torch import nn
 from open_clip.model import resize_pos_embed
 
+EXTRA_STATE = "_extra_state"
 TRAINING_ONLY_PREFIXES = (
     "momentum_visual.", "momentum_text.", "image_queue.", "text_queue.", "image_mask_token", "text_mask_token",
-    "mlm_head.", "mlm_predictor.", "mim_head.", "mim_predictor.",
+    "mlm_head.", "mlm_predictor.", "mim_head.", "mim_predictor.", EXTRA_STATE,
 )
 MOMENTUM_TWINS = (("momentum_visual.", "visual."), ("momentum_text.", "text."))
+# conlip_cfg keys that decide which tensors a model has, or their shapes.
+STRUCTURAL_KEYS = ("variant", "conmlm", "conmim", "queue_size", "head_layers", "head_shared", "head_heads",
+                   "head_mlp_ratio")
+_INITIALISING: ContextVar[bool] = ContextVar("conlip_initialising_from_checkpoint", default=False)
+
+
+@contextmanager
+def initialising_from_checkpoint() -> Iterator[None]:
+    """Loads in here start a new run from a checkpoint (open_clip's ``pretrained=``): pieces the
+    checkpoint lacks, or holds in another shape, start fresh instead of failing the load."""
+    token = _INITIALISING.set(True)
+    try:
+        yield
+    finally:
+        _INITIALISING.reset(token)
 
 
 def adopt_checkpoint_image_size(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
@@ -72,3 +96,67 @@ def complete_plain_weights(module: nn.Module, state_dict: dict, prefix: str, *ar
             state_dict[prefix + key] = value
     state_dict[prefix + "logit_scale"] = own["logit_scale"]
     logging.info("ConLIP: loaded plain open_clip weights; momentum encoders copied from them, heads and queues fresh")
+
+
+
+def _changed(saved: Optional[dict], own: dict) -> Dict[str, tuple]:
+    """{conlip_cfg key: (checkpoint's value, this model's)} for every key that differs."""
+    if saved is None:
+        return {}
+    return {k: (saved["conlip_cfg"].get(k), v) for k, v in own["conlip_cfg"].items() if saved["conlip_cfg"].get(k) != v}
+
+
+def _saved_embed_dim(state_dict: dict, prefix: str, saved: Optional[dict]) -> Optional[int]:
+    """From the recorded settings, else (checkpoints from before they were recorded) the queue width."""
+    if saved is not None:
+        return saved["embed_dim"]
+    queue = state_dict.get(prefix + "image_queue.features")
+    return None if queue is None else int(queue.shape[1])
+
+
+def _names(keys: List[str]) -> str:
+    return ", ".join(sorted({k.split(".")[0] for k in keys})) or "nothing"
+
+
+def reconcile_training_state(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Compare the checkpoint's ConLIP settings and training-only tensors with this model's: refuse
+    to continue a run under other structural settings; complete an initialisation from it."""
+    theirs = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
+    if not theirs:  # nothing under this prefix (e.g. a DDP wrapper's keys): torch's strict load says so
+        return
+    own, mine = module.state_dict(), module.get_extra_state()
+    saved = state_dict.get(prefix + EXTRA_STATE)
+    embed_dim = _saved_embed_dim(state_dict, prefix, saved)
+    if embed_dim is not None and embed_dim != mine["embed_dim"]:
+        raise ValueError(f"this checkpoint's towers embed into {embed_dim} dimensions, this model's into "
+                         f"{mine['embed_dim']}: its weights cannot fill this model. Use the model config it was "
+                         f"trained with (params.txt in its run folder names it).")
+    changed = _changed(saved, mine)
+    structural = {k: v for k, v in changed.items() if k in STRUCTURAL_KEYS}
+    training = {k for k in own if k.startswith(TRAINING_ONLY_PREFIXES) and k != EXTRA_STATE}
+    missing = sorted(training - theirs)
+    unused = sorted(k for k in theirs - set(own) if k.startswith(TRAINING_ONLY_PREFIXES))
+    # The momentum towers' shapes follow the towers (another image size is adopted below).
+    reshaped = sorted(k for k in training & theirs if not k.startswith(("momentum_visual.", "momentum_text."))
+                      and state_dict[prefix + k].shape != own[k].shape)
+    state_dict[prefix + EXTRA_STATE] = mine
+    if not (structural or missing or unused or reshaped):
+        if changed:
+            logging.warning("ConLIP: the checkpoint was made with other conlip_cfg values; now in force: %s",
+                            "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        return
+    settings = "; ".join(f"conlip_cfg.{k} {a!r} in the checkpoint, {b!r} here" for k, (a, b) in structural.items())
+    pieces = f"missing here: {_names(missing)}; not used here: {_names(unused)}; other shape: {_names(reshaped)}"
+    if not _INITIALISING.get():
+        raise ValueError(
+            f"this checkpoint was trained with other ConLIP settings ({settings or pieces}), so its run cannot "
+            f"continue with this model config. To continue it, resume with the config it was trained with "
+            f"(params.txt in its run folder names it); to start a new run from its weights, pass it as "
+            f"--pretrained instead.")
+    for key in missing + reshaped:
+        state_dict[prefix + key] = own[key]
+    for key in unused:
+        del state_dict[prefix + key]
+    logging.warning("ConLIP: starting from a checkpoint of other settings (%s): loaded the towers and what fits; "
+                    "started fresh: %s; not used: %s", settings or "same settings", _names(missing + reshaped),
+                    _names(unused))

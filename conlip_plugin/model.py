@@ -6,6 +6,7 @@ forward runs the spec's passes (A)-(D), the momentum passes, and both heads, and
 :class:`conlip_plugin.loss.ConLIPLoss` needs. The momentum encoders and queues change only in
 an optimizer step post-hook, so an AMP step that the scaler skips changes neither.
 """
+import dataclasses
 import math
 import os
 import weakref
@@ -18,7 +19,12 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from open_clip.model import CustomTextCLIP
 
-from .checkpoint_loading import TRAINING_ONLY_PREFIXES, adopt_checkpoint_image_size, complete_plain_weights
+from .checkpoint_loading import (
+    TRAINING_ONLY_PREFIXES,
+    adopt_checkpoint_image_size,
+    complete_plain_weights,
+    reconcile_training_state,
+)
 from .config import ConLIPCfg
 from .heads import ConditionedHead, MLMPredictionHead, init_head_weights
 from .masking import IGNORE_INDEX, PatchMasker, TextMasker, patchify, true_positions_first
@@ -99,8 +105,10 @@ class ConLIP(CustomTextCLIP):
         # runs the hook, so its keys are replaced by the next forward's and never enqueued.
         self.keys_to_enqueue: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._register_step_hook()
-        # Plain weights first get their momentum copies, which are then resized with the towers.
+        # Plain weights first get their momentum copies; then the settings are compared; then the
+        # momentum copies are resized with the towers.
         self.register_load_state_dict_pre_hook(complete_plain_weights)
+        self.register_load_state_dict_pre_hook(reconcile_training_state)
         self.register_load_state_dict_pre_hook(adopt_checkpoint_image_size)
 
     def _build_masking_and_heads(self, cfg: ConLIPCfg, text_cfg: dict) -> None:
@@ -260,6 +268,13 @@ class ConLIP(CustomTextCLIP):
             targets = torch.take_along_dim(patchify(image, vit.patch_size), picked[..., None], dim=1)
             out["mim_targets"] = targets.flatten(0, 1)
         return out
+
+    def get_extra_state(self) -> dict:
+        """Saved with the weights, so that a load can tell which ConLIP settings made a checkpoint."""
+        return {"conlip_cfg": dataclasses.asdict(self.conlip_cfg), "embed_dim": int(self.image_queue.features.shape[1])}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Nothing to restore: ``reconcile_training_state`` compared the settings before the load."""
 
     def inference_state_dict(self) -> Dict[str, torch.Tensor]:
         """The weights of the plain open_clip model: training-only pieces dropped."""
