@@ -1,5 +1,4 @@
 """Shared fixtures: the tiny coloured-shapes caption set, and a subprocess runner."""
-import importlib.util
 import os
 import subprocess
 from pathlib import Path
@@ -7,20 +6,13 @@ from typing import List
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import shapes_data
 
 
 @pytest.fixture(scope="session")
 def caption_data(tmp_path_factory) -> dict:
-    """30 image-caption pairs (scripts/shapes_data.py) as a CSV with PNG files and as one shard."""
-    return _load_script("shapes_data").write(tmp_path_factory.mktemp("data"))
+    """30 image-caption pairs (tests/shapes_data.py) as a CSV with PNG files and as one shard."""
+    return shapes_data.write(tmp_path_factory.mktemp("data"))
 
 
 def _run(cmd: List[str], cwd: Path, timeout: int = 600, env: dict = None) -> subprocess.CompletedProcess:

@@ -1,9 +1,13 @@
-"""The benchmark script's tiny CPU mode: it runs, and its counts are coherent."""
+"""The benchmark's (``conlip-bench``) tiny CPU mode: it runs, and its counts are coherent."""
 import json
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"  # the former script, now a wrapper
 
 
 def test_bench_tiny_mode_reports_both_steps(tmp_path, run):

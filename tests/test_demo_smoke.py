@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 DEMO = Path(__file__).resolve().parents[1] / "scripts" / "demo.py"
+
+
+def test_former_script_and_module_run_the_command(tmp_path, run):
+    """scripts/demo.py (what scripts/run-demo runs) and the module are the conlip-demo command."""
+    for cmd in ([sys.executable, str(DEMO)], [sys.executable, "-m", "conlip_plugin.evaluation.demo"]):
+        assert "--smoke" in run([*cmd, "--help"], tmp_path).stdout
 
 
 @pytest.mark.skipif(shutil.which("npm") is None, reason="the emoji data comes from the npm registry: install npm")

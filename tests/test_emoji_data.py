@@ -1,4 +1,5 @@
-"""scripts/emoji_data.py on miniature npm tarballs built here, with the real packages' internal layout.
+"""conlip_plugin.data.emoji (``conlip-emoji``) on miniature npm tarballs built here, with the real
+packages' internal layout.
 
 No network and no npm: the tarballs go in through --packages-dir with their own sha512 (the CLI's
 pinned hashes are swapped for them through main's `integrity` parameter), and fetching is tested
@@ -7,10 +8,10 @@ unseen split is recomputed here from its documented rule (sha256 of "SEED:UNIFIE
 """
 import base64
 import hashlib
-import importlib.util
 import io
 import json
 import os
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -18,10 +19,9 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
+from conlip_plugin.data import emoji
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "emoji_data.py"
-spec = importlib.util.spec_from_file_location("emoji_data", SCRIPT)
-emoji_data = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(emoji_data)
 
 GOOGLE, TWITTER, EMOJIBASE = "emoji-datasource-google", "emoji-datasource-twitter", "emojibase-data"
 TONES = {"1F3FB": "light skin tone", "1F3FD": "medium skin tone"}
@@ -136,7 +136,7 @@ def built(tmp_path_factory) -> dict:
     out = root / "out"
     argv = ["--packages-dir", str(root / "packages"), "--out", str(out), "--seed", str(seed),
             "--unseen-fraction", str(FRACTION)]
-    info = emoji_data.main(argv, integrity=integrity)
+    info = emoji.main(argv, integrity=integrity)
     return {"root": root, "out": out, "info": info, "seed": seed, "integrity": integrity, "argv": argv}
 
 
@@ -238,13 +238,13 @@ def test_clip_benchmark_reads_the_test_layouts(built):
 def test_rebuild_is_idempotent_and_follows_new_settings(built):
     out = built["out"]
     snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    emoji_data.main(built["argv"], integrity=built["integrity"])
+    emoji.main(built["argv"], integrity=built["integrity"])
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
-    info = emoji_data.main(built["argv"] + ["--test-images", "3"], integrity=built["integrity"])
+    info = emoji.main(built["argv"] + ["--test-images", "3"], integrity=built["integrity"])
     for name in ("test-cross-style", "test-unseen"):
         assert info["splits"][name]["images"] == 3
         assert len(list((out / name).glob("*.jpg"))) == 3  # images of the larger build removed
-    emoji_data.main(built["argv"], integrity=built["integrity"])
+    emoji.main(built["argv"], integrity=built["integrity"])
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
 
 
@@ -254,12 +254,13 @@ def test_a_tampered_tarball_is_refused(built, tmp_path):
     tarball = packages / f"{TWITTER}-16.0.0.tgz"
     tarball.write_bytes(tarball.read_bytes() + b"\0")
     with pytest.raises(SystemExit, match="does not match its pinned sha512"):
-        emoji_data.main(["--packages-dir", str(packages), "--out", str(tmp_path / "out")], integrity=integrity)
+        emoji.main(["--packages-dir", str(packages), "--out", str(tmp_path / "out")], integrity=integrity)
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit, match="does not match its pinned sha512"):  # the public CLI's pinned hashes
-        emoji_data.main(["--packages-dir", str(built["root"] / "packages"), "--out", str(tmp_path / "out")])
+        emoji.main(["--packages-dir", str(built["root"] / "packages"), "--out", str(tmp_path / "out")])
 
 
+@pytest.mark.slow
 def test_fetch_caches_verified_tarballs_and_needs_npm(built, tmp_path, monkeypatch):
     """A stand-in `npm pack` copies the test tarballs; the second run finds them cached."""
     bin_dir, log = tmp_path / "bin", tmp_path / "npm.log"
@@ -273,14 +274,24 @@ def test_fetch_caches_verified_tarballs_and_needs_npm(built, tmp_path, monkeypat
     (bin_dir / "npm").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     cache = tmp_path / "cache"
-    paths = emoji_data.obtain(cache, None, built["integrity"])
+    paths = emoji.obtain(cache, None, built["integrity"])
     assert sorted(p.name for p in paths.values()) == sorted(p.name for p in cache.glob("*.tgz"))
-    emoji_data.obtain(cache, None, built["integrity"])
+    emoji.obtain(cache, None, built["integrity"])
     assert log.read_text().split() == ["emoji-datasource-google@16.0.0", "emoji-datasource-twitter@16.0.0",
                                        "emojibase-data@17.0.0"]  # fetched once each
     with pytest.raises(SystemExit, match="npm delivered it; nothing was cached"):
-        emoji_data.obtain(tmp_path / "other-cache", None, {**built["integrity"], GOOGLE: "sha512-AAAA"})
+        emoji.obtain(tmp_path / "other-cache", None, {**built["integrity"], GOOGLE: "sha512-AAAA"})
     assert not list((tmp_path / "other-cache").glob("*.tgz"))
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(SystemExit, match="apt-get install npm"):
-        emoji_data.obtain(tmp_path / "third-cache", None, built["integrity"])
+        emoji.obtain(tmp_path / "third-cache", None, built["integrity"])
+
+
+@pytest.mark.slow
+def test_former_script_and_module_run_the_command(built, tmp_path, run):
+    """scripts/emoji_data.py and `python -m conlip_plugin.data.emoji` are the same command as conlip-emoji."""
+    assert "--unseen-fraction" in run([sys.executable, str(SCRIPT), "--help"], tmp_path).stdout
+    out = tmp_path / "out"
+    argv = ["--packages-dir", str(built["root"] / "packages"), "--out", str(out), "--test-images", "2"]
+    proc = subprocess.run([sys.executable, "-m", "conlip_plugin.data.emoji", *argv], capture_output=True, text=True)
+    assert proc.returncode == 1 and "does not match its pinned sha512" in proc.stderr  # the real pinned hashes

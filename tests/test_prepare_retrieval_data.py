@@ -1,11 +1,11 @@
-"""scripts/prepare_retrieval_data.py on miniature Karpathy splits of real images (skimage.data).
+"""The data package's retrieval tools (``conlip-prepare``) on miniature Karpathy splits of real images
+(skimage.data).
 
 The evaluation layouts are read back by clip_benchmark's own loader and retrieval metric, the
 training shards by open_clip_train's own shard reader and size lookup; expected values come from
-the fixture JSON, never from the script.
+the fixture JSON, never from the code under test.
 """
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -17,19 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from conlip_plugin.data import files, karpathy, prepare, shards
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "prepare_retrieval_data.py"
 SKIMAGE_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "hubble_deep_field",
                  "immunohistochemistry")
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("prepare_retrieval_data", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-prd = _load_script()
 
 
 def _norm(text: str) -> str:
@@ -108,7 +100,7 @@ def _pairs(entries: list, splits: tuple) -> Counter:
 
 def _layout(fx: dict, dataset: str, out: Path, link: str = "symlink"):
     key = "flickr" if dataset == "flickr30k" else "coco"
-    return prd.eval_layout(dataset, fx[f"{key}_json"], fx[f"{key}_images"], out, link)
+    return karpathy.eval_layout(dataset, fx[f"{key}_json"], fx[f"{key}_images"], out, link)
 
 
 def _build(dataset: str, root: Path, transform=None):
@@ -145,7 +137,7 @@ def test_eval_layout_is_read_by_clip_benchmark(fixtures, tmp_path, capsys, datas
 
     counts = _layout(fixtures, dataset, out)
     assert (counts.images, counts.captions) == (n_images, sum(expected.values()))
-    prd.main(["check", "--dataset", dataset, "--root", str(out), "--expect-images", str(n_images)])
+    prepare.main(["check", "--dataset", dataset, "--root", str(out), "--expect-images", str(n_images)])
     assert f"{n_images} images, {sum(expected.values())} captions" in capsys.readouterr().out
 
     ds = _build(dataset, out)
@@ -203,7 +195,7 @@ def test_link_modes_and_rerun(fixtures, tmp_path, link):
         assert os.path.samefile(placed, source) == (link != "copy")
         assert placed.read_bytes() == source.read_bytes()
     _layout(fixtures, "flickr30k", out, link)  # a rerun over an existing layout
-    assert prd.check("flickr30k", out).images == 3
+    assert karpathy.check("flickr30k", out).images == 3
 
 
 def test_layout_inside_the_image_folder_keeps_the_images(fixtures, tmp_path):
@@ -213,11 +205,12 @@ def test_layout_inside_the_image_folder_keeps_the_images(fixtures, tmp_path):
     images = tmp_path / "flickr30k-images"
     shutil.copytree(fixtures["flickr_images"], images)
     before = {p.name: p.read_bytes() for p in images.iterdir()}
-    prd.eval_layout("flickr30k", fixtures["flickr_json"], images, images)
+    karpathy.eval_layout("flickr30k", fixtures["flickr_json"], images, images)
     assert {p.name: p.read_bytes() for p in images.glob("*.jpg")} == before
     assert not any(p.is_symlink() for p in images.iterdir())
 
 
+@pytest.mark.slow
 def test_zero_byte_annotation_left_by_failed_download_is_named(fixtures, tmp_path, monkeypatch):
     """Reproduce clip_benchmark offline: its wget creates the output file, then fails."""
     from clip_benchmark.datasets import builder
@@ -237,12 +230,12 @@ def test_zero_byte_annotation_left_by_failed_download_is_named(fixtures, tmp_pat
     assert len(ds) == 0 and annotation.stat().st_size == 0  # the silent failure this guards against
 
     with pytest.raises(SystemExit) as err:
-        prd.main(["check", "--dataset", "flickr30k", "--root", str(root)])
+        prepare.main(["check", "--dataset", "flickr30k", "--root", str(root)])
     message = str(err.value)
     assert str(annotation) in message and "0 bytes" in message and "wget" in message and "eval-layout" in message
 
     _layout(fixtures, "flickr30k", root)  # the fix the message names
-    assert prd.check("flickr30k", root).captions == 15
+    assert karpathy.check("flickr30k", root).captions == 15
 
 
 def test_zero_byte_coco_annotation_is_named(fixtures, tmp_path):
@@ -250,7 +243,7 @@ def test_zero_byte_coco_annotation_is_named(fixtures, tmp_path):
     _layout(fixtures, "mscoco", out)
     (out / "coco_test_karpathy.json").write_bytes(b"")
     with pytest.raises(SystemExit, match=r"coco_test_karpathy\.json is empty \(0 bytes\)"):
-        prd.check("mscoco", out)
+        karpathy.check("mscoco", out)
 
 
 @pytest.mark.parametrize("dataset", ["flickr30k", "mscoco"])
@@ -261,14 +254,14 @@ def test_missing_or_empty_image_is_named(fixtures, tmp_path, dataset):
     victim, emptied = sorted(image_dir.glob("*.jpg"))[:2]
     victim.unlink()
     with pytest.raises(SystemExit, match=f"1 images referenced by .* missing: {victim}"):
-        prd.check(dataset, out)
+        karpathy.check(dataset, out)
     emptied.unlink()
     emptied.write_bytes(b"")
     with pytest.raises(SystemExit, match=f"empty \\(0 bytes\\): {emptied}"):
-        prd.check(dataset, out)
+        karpathy.check(dataset, out)
     with pytest.raises(SystemExit, match="lists 3 images, expected 1000"):
         _layout(fixtures, "flickr30k", tmp_path / "other")
-        prd.check("flickr30k", tmp_path / "other", expect_images=1000)
+        karpathy.check("flickr30k", tmp_path / "other", expect_images=1000)
 
 
 def test_missing_source_image_is_named(fixtures, tmp_path):
@@ -279,7 +272,7 @@ def test_missing_source_image_is_named(fixtures, tmp_path):
     gone = images / "val2014" / fixtures["coco"][1]["filename"]
     gone.unlink()
     with pytest.raises(SystemExit, match=f"1 test images missing: {gone}.*holding val2014"):
-        prd.eval_layout("mscoco", fixtures["coco_json"], images, tmp_path / "out")
+        karpathy.eval_layout("mscoco", fixtures["coco_json"], images, tmp_path / "out")
 
 
 def _broken(fx: dict, tmp_path: Path, case: str) -> tuple:
@@ -314,12 +307,14 @@ def _broken(fx: dict, tmp_path: Path, case: str) -> tuple:
 def test_broken_inputs_give_clear_errors(fixtures, tmp_path, case, message):
     dataset, path = _broken(fixtures, tmp_path, case)
     with pytest.raises(SystemExit, match=message):
-        prd.eval_layout(dataset, path, fixtures["flickr_images"], tmp_path / "out")
+        karpathy.eval_layout(dataset, path, fixtures["flickr_images"], tmp_path / "out")
     assert not (tmp_path / "out" / "flickr30k_test_karpathy.txt").exists()
 
 
+@pytest.mark.slow
 def test_command_line(fixtures, tmp_path, run):
-    """The script as a subprocess: success, a clear error with exit status 1, an unknown dataset."""
+    """The former script, now a thin wrapper of conlip-prepare, as a subprocess: success, a clear error
+    with exit status 1, an unknown dataset."""
     out = tmp_path / "coco"
     proc = run([sys.executable, str(SCRIPT), "eval-layout", "--dataset", "mscoco", "--karpathy-json",
                 str(fixtures["coco_json"]), "--images", str(fixtures["coco_images"]), "--out", str(out)], tmp_path)
@@ -347,8 +342,8 @@ def test_train_shards_hold_the_train_pairs(fixtures, tmp_path, capsys):
     from open_clip_train.data import get_dataset_size
 
     out = tmp_path / "shards"
-    prd.main(["train-shards", "--karpathy-json", str(fixtures["coco_json"]), "--images", str(fixtures["coco_images"]),
-              "--out", str(out), "--shard-size", "4", "--csv"])
+    prepare.main(["train-shards", "--karpathy-json", str(fixtures["coco_json"]),
+                  "--images", str(fixtures["coco_images"]), "--out", str(out), "--shard-size", "4", "--csv"])
     printed = capsys.readouterr().out
     entries = fixtures["coco"]
     splits = ("train", "restval")
@@ -358,16 +353,16 @@ def test_train_shards_hold_the_train_pairs(fixtures, tmp_path, capsys):
     n_empty = sum(not s["raw"].strip() for e in entries if e["split"] in splits for s in e["sentences"])
     assert n_empty == 2 and f"skipped {n_empty} empty captions" in printed
 
-    shards = sorted(out.glob("*.tar"))
-    samples = _read_shards(shards)
+    tars = sorted(out.glob("*.tar"))
+    samples = _read_shards(tars)
     assert Counter((s["jpg"], s["txt"].decode()) for s in samples) == expected
     assert len({s["__key__"] for s in samples}) == len(samples) and all(set(s) >= {"jpg", "txt"} for s in samples)
 
     sizes = json.loads((out / "sizes.json").read_text())
-    assert sizes == {p.name: len(_read_shards([p])) for p in shards}
-    assert len(shards) == -(-sum(expected.values()) // 4) and set(sizes.values()) <= {1, 2, 3, 4}
+    assert sizes == {p.name: len(_read_shards([p])) for p in tars}
+    assert len(tars) == -(-sum(expected.values()) // 4) and set(sizes.values()) <= {1, 2, 3, 4}
     pattern = printed.split("--train-data '")[1].split("'")[0]
-    assert get_dataset_size(pattern) == (sum(expected.values()), len(shards))
+    assert get_dataset_size(pattern) == (sum(expected.values()), len(tars))
 
     table = pd.read_csv(out / "train-restval.csv", sep="\t")
     assert list(table.columns) == ["filepath", "title"]
@@ -377,12 +372,12 @@ def test_train_shards_hold_the_train_pairs(fixtures, tmp_path, capsys):
 def test_train_shards_resume(fixtures, tmp_path):
     out = tmp_path / "shards"
     args = (fixtures["flickr_json"], fixtures["flickr_images"], out, ["train"], 3)
-    first = prd.train_shards(*args)
+    first = shards.train_shards(*args)
     assert first.reused == [] and len(first.written) == len(first.sizes) >= 3
     assert first.samples == sum(_pairs(fixtures["flickr"], ("train",)).values()) and len(first.skipped_empty) == 1
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(out.glob("*.tar"))}
 
-    again = prd.train_shards(*args)
+    again = shards.train_shards(*args)
     assert again.written == [] and again.reused == list(before)
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.tar")} == before
 
@@ -390,7 +385,7 @@ def test_train_shards_resume(fixtures, tmp_path):
     (out / deleted).unlink()
     (out / truncated).write_bytes(before[truncated][2][:1000])
     (out / foreign).write_bytes(before[deleted][2])  # a complete shard, but not this one
-    resumed = prd.train_shards(*args)
+    resumed = shards.train_shards(*args)
     assert resumed.written == [deleted, truncated, foreign] and len(resumed.reused) == len(before) - 3
     assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == {n: b for n, (_, _, b) in before.items()}
     assert not list(out.glob("*.tmp"))
@@ -422,9 +417,9 @@ def _source_shards(fx: dict, folder: Path) -> dict:
 def test_subset_is_reproducible_and_complete(fixtures, tmp_path):
     source = _source_shards(fixtures, tmp_path / "cc")
     usable = {k for k, m in source.items() if "txt" in m}
-    a = prd.subset(str(tmp_path / "cc" / "{00000..00002}.tar"), 12, 0, tmp_path / "a", shard_size=5)
-    b = prd.subset(str(tmp_path / "cc" / "{00002,00000,00001}.tar"), 12, 0, tmp_path / "b", shard_size=5)
-    c = prd.subset(str(tmp_path / "cc" / "{00000..00002}.tar"), 12, 1, tmp_path / "c", shard_size=5)
+    a = shards.subset(str(tmp_path / "cc" / "{00000..00002}.tar"), 12, 0, tmp_path / "a", shard_size=5)
+    b = shards.subset(str(tmp_path / "cc" / "{00002,00000,00001}.tar"), 12, 0, tmp_path / "b", shard_size=5)
+    c = shards.subset(str(tmp_path / "cc" / "{00000..00002}.tar"), 12, 1, tmp_path / "c", shard_size=5)
     assert a.sizes == b.sizes == c.sizes == {"00000.tar": 5, "00001.tar": 5, "00002.tar": 2}
     assert a.skipped_unusable == 3
 
@@ -445,13 +440,13 @@ def test_subset_is_reproducible_and_complete(fixtures, tmp_path):
     for name in a.sizes:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
-    everything = prd.subset(str(tmp_path / "cc" / "*.tar").replace("*", "{00000..00002}"), len(usable), 3,
+    everything = shards.subset(str(tmp_path / "cc" / "*.tar").replace("*", "{00000..00002}"), len(usable), 3,
                             tmp_path / "all")
     assert set(chosen(tmp_path / "all")) == usable
     with pytest.raises(SystemExit, match=f"only {len(usable)} with caption and image"):
-        prd.subset(str(tmp_path / "cc" / "{00000..00002}.tar"), len(usable) + 1, 0, tmp_path / "d")
+        shards.subset(str(tmp_path / "cc" / "{00000..00002}.tar"), len(usable) + 1, 0, tmp_path / "d")
     with pytest.raises(SystemExit, match="holds input shards"):
-        prd.subset(str(tmp_path / "cc" / "{00000..00002}.tar"), 3, 0, tmp_path / "cc")
+        shards.subset(str(tmp_path / "cc" / "{00000..00002}.tar"), 3, 0, tmp_path / "cc")
     assert everything.samples == len(usable)
 
 
@@ -459,10 +454,10 @@ def test_subset_selection_covers_every_shard(fixtures, tmp_path):
     """Across seeds, every usable sample gets chosen (no bias towards the first shards), always exactly N."""
     source = _source_shards(fixtures, tmp_path / "cc")
     paths = sorted((tmp_path / "cc").glob("*.tar"))
-    usable = [prd.count_usable(p)[0] for p in paths]
+    usable = [shards.count_usable(p)[0] for p in paths]
     seen = Counter()
     for seed in range(40):
-        keys = [sample["__key__"] for _, sample in prd.selected_samples(paths, usable, 9, seed)]
+        keys = [sample["__key__"] for _, sample in shards.selected_samples(paths, usable, 9, seed)]
         assert len(set(keys)) == 9
         seen.update(keys)
     assert set(seen) == {k for k, m in source.items() if "txt" in m}
@@ -473,7 +468,7 @@ def test_truncated_shard_is_named(fixtures, tmp_path):
     victim = tmp_path / "cc" / "00001.tar"
     victim.write_bytes(victim.read_bytes()[:700])
     with pytest.raises(SystemExit, match=r"00001\.tar: cannot read this shard .*re-download it"):
-        prd.subset(str(tmp_path / "cc" / "{00000..00002}.tar"), 3, 0, tmp_path / "out")
+        shards.subset(str(tmp_path / "cc" / "{00000..00002}.tar"), 3, 0, tmp_path / "out")
 
 
 def test_annotation_without_images_is_refused(fixtures, tmp_path):
@@ -482,4 +477,19 @@ def test_annotation_without_images_is_refused(fixtures, tmp_path):
     annotation = root / "flickr30k_test_karpathy.txt"
     annotation.write_text(annotation.read_text().splitlines()[0] + "\n")
     with pytest.raises(SystemExit, match="lists no images"):
-        prd.check("flickr30k", root)
+        karpathy.check("flickr30k", root)
+
+
+def test_shared_helpers(tmp_path):
+    """The one caption normaliser, atomic write and stable hash that every data tool uses."""
+    assert files.normalize_caption("  a\n b\tc ") == "a b c"
+    assert files.normalize_caption(None) == "" and files.normalize_caption(0) == "0"
+    assert files.stable_hash(3, "key") == hashlib.sha256(b"3:key").digest()
+
+    path = tmp_path / "f.json"
+    files.write_atomic(path, b"one")
+    before = path.stat()
+    files.write_atomic(path, b"one", if_changed=True)
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    files.write_atomic(path, b"two", if_changed=True)
+    assert path.read_bytes() == b"two" and not list(tmp_path.glob("*.tmp"))

@@ -7,6 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+pytestmark = pytest.mark.slow
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 PY = sys.executable
 
@@ -31,7 +33,7 @@ def trained(caption_data, tmp_path_factory, run):
     karpathy = cwd / "dataset_flickr30k.json"
     karpathy.write_text(json.dumps({"dataset": "flickr30k", "images": entries}))
     root = cwd / "flickr30k"
-    run([PY, str(SCRIPTS / "prepare_retrieval_data.py"), "eval-layout", "--dataset", "flickr30k",
+    run([PY, "-m", "conlip_plugin.data.prepare", "eval-layout", "--dataset", "flickr30k",
          "--karpathy-json", str(karpathy), "--images", str(images), "--out", str(root)], cwd)
     return {"cwd": cwd, "ckpt": cwd / "logs" / "run" / "checkpoints" / "epoch_1.pt", "root": root, "entries": entries}
 

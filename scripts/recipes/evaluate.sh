@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Zero-shot or fine-tuned retrieval, paper Table 1: R@1/5/10 both ways on the Karpathy test split.
 #   MODEL=conlip-vit-b16-bert CKPT=logs/RUN/checkpoints/epoch_30.pt DATASET=flickr30k ROOT=/data/flickr30k-cb bash evaluate.sh
-# ROOT is a folder written by `scripts/prepare_retrieval_data.py eval-layout`. For fine-tuned
+# ROOT is a folder written by `conlip-prepare eval-layout`. For fine-tuned
 # checkpoints add IMAGE_SIZE=336. CKPT may be a training checkpoint or MODEL=local-dir:EXPORT with CKPT unset.
 set -euo pipefail
 : "${MODEL:?}" "${DATASET:?flickr30k or mscoco}" "${ROOT:?a prepared dataset folder}"
-python3 "$(dirname "$0")/../prepare_retrieval_data.py" check --dataset "$DATASET" --root "$ROOT"
+conlip-prepare check --dataset "$DATASET" --root "$ROOT"
 case "$DATASET" in flickr30k) cb=flickr30k ;; mscoco) cb=mscoco_captions ;; *) echo "unknown DATASET" >&2; exit 2 ;; esac
 out=${OUT:-results/${DATASET}_$(basename "${CKPT:-export}" .pt).json}
 mkdir -p "$(dirname "$out")"

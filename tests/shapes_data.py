@@ -1,9 +1,9 @@
 """A tiny real image-caption set made on the spot: coloured shapes, captioned by colour and shape.
 
-Used by the demo and the tests. Writes PNG files, a CSV (``filepath``, ``title``) and one
-webdataset shard with a ``sizes.json`` beside it.
+Used by the tests (the ``caption_data`` fixture). Writes PNG files, a CSV (``filepath``, ``title``)
+and one webdataset shard with a ``sizes.json`` beside it.
 
-    python scripts/shapes_data.py OUT_DIR [--size 64]
+    python tests/shapes_data.py OUT_DIR [--size 64]
 """
 import argparse
 import csv
