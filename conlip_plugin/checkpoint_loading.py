@@ -27,6 +27,7 @@ MOMENTUM_TWINS = (("momentum_visual.", "visual."), ("momentum_text.", "text."))
 # conlip_cfg keys that decide which tensors a model has, or their shapes.
 STRUCTURAL_KEYS = ("variant", "conmlm", "conmim", "queue_size", "head_layers", "head_shared", "head_heads",
                    "head_mlp_ratio")
+NOT_COMPARED = ("image_weights", "text_weights", "image_checkpoint_blocks")
 _INITIALISING: ContextVar[bool] = ContextVar("conlip_initialising_from_checkpoint", default=False)
 
 
@@ -98,12 +99,13 @@ def complete_plain_weights(module: nn.Module, state_dict: dict, prefix: str, *ar
     logging.info("ConLIP: loaded plain open_clip weights; momentum encoders copied from them, heads and queues fresh")
 
 
-
 def _changed(saved: Optional[dict], own: dict) -> Dict[str, tuple]:
-    """{conlip_cfg key: (checkpoint's value, this model's)} for every key that differs."""
+    """{conlip_cfg key: (checkpoint's value, this model's)} for every key that differs and matters
+    after the model is built (not where its first weights came from, nor what is recomputed)."""
     if saved is None:
         return {}
-    return {k: (saved["conlip_cfg"].get(k), v) for k, v in own["conlip_cfg"].items() if saved["conlip_cfg"].get(k) != v}
+    return {k: (saved["conlip_cfg"].get(k), v) for k, v in own["conlip_cfg"].items()
+            if k not in NOT_COMPARED and saved["conlip_cfg"].get(k) != v}
 
 
 def _saved_embed_dim(state_dict: dict, prefix: str, saved: Optional[dict]) -> Optional[int]:
@@ -146,7 +148,8 @@ def reconcile_training_state(module: nn.Module, state_dict: dict, prefix: str, *
                             "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
         return
     settings = "; ".join(f"conlip_cfg.{k} {a!r} in the checkpoint, {b!r} here" for k, (a, b) in structural.items())
-    pieces = f"missing here: {_names(missing)}; not used here: {_names(unused)}; other shape: {_names(reshaped)}"
+    pieces = (f"the checkpoint lacks {_names(missing)}; only the checkpoint has {_names(unused)}; "
+              f"other shape: {_names(reshaped)}")
     if not _INITIALISING.get():
         raise ValueError(
             f"this checkpoint was trained with other ConLIP settings ({settings or pieces}), so its run cannot "
