@@ -7,6 +7,7 @@ from torch import nn
 
 from .config import ConLIPCfg
 from .masking import IGNORE_INDEX
+from .monitor import HealthMonitor
 
 
 def _autocast_disabled(device: torch.device) -> torch.autocast:
@@ -73,7 +74,11 @@ def masked_pixel_loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch
 
 
 class ConLIPLoss(nn.Module):
-    """Consumes a ConLIP model's training output; returns each term by name, as open_clip logs them."""
+    """Consumes a ConLIP model's training output; returns each term by name, as open_clip logs them.
+
+    ``monitor``: an optional :class:`conlip_plugin.monitor.HealthMonitor` that sees every call made
+    in train mode (open_clip_train calls the loss only to train; ``loss.eval()`` stops it).
+    """
 
     def __init__(
             self,
@@ -81,6 +86,7 @@ class ConLIPLoss(nn.Module):
             in_batch_negatives: bool = True,
             names: Optional[Dict[str, str]] = None,
             rank: int = 0,
+            monitor: Optional[HealthMonitor] = None,
     ):
         super().__init__()
         if instance_loss not in ("dcl", "infonce"):
@@ -89,11 +95,12 @@ class ConLIPLoss(nn.Module):
         self.in_batch_negatives = in_batch_negatives
         self.names = names or {"instance": f"{instance_loss}_loss", "mlm": "conmlm_loss", "mim": "conmim_loss"}
         self.rank = rank
+        self.monitor = monitor
 
     @classmethod
-    def from_cfg(cls, cfg: ConLIPCfg, rank: int = 0) -> "ConLIPLoss":
+    def from_cfg(cls, cfg: ConLIPCfg, rank: int = 0, monitor: Optional[HealthMonitor] = None) -> "ConLIPLoss":
         """The loss a model with this ``conlip_cfg`` trains with, on process ``rank``."""
-        return cls(cfg.instance_loss, cfg.in_batch_negatives, cfg.loss_names(), rank=rank)
+        return cls(cfg.instance_loss, cfg.in_batch_negatives, cfg.loss_names(), rank=rank, monitor=monitor)
 
     def forward(
             self,
@@ -120,4 +127,6 @@ class ConLIPLoss(nn.Module):
             losses[self.names["mlm"]] = masked_token_loss(mlm_logits, mlm_labels)
         if mim_predictions is not None:
             losses[self.names["mim"]] = masked_pixel_loss(mim_predictions, mim_targets)
+        if self.monitor is not None and self.training:
+            self.monitor.observe(losses, losses[self.names["instance"]], image_features, text_features)
         return losses if output_dict else sum(losses.values())

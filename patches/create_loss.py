@@ -3,10 +3,16 @@
 Why: open_clip 3.3's ``create_loss(args)`` knows only CLIP / CoCa / SigLIP / distillation
 losses, and ``open_clip_train.main`` binds ``from open_clip import create_loss`` when it starts.
 What: wraps ``open_clip.create_loss`` (and ``open_clip.factory.create_loss``): for a model
-whose config has ``conlip_cfg`` it checks the run's flags, then returns ``ConLIPLoss``; any
-other model gets open_clip's own loss. For: open_clip_torch 3.3.x.
+whose config has ``conlip_cfg`` it checks the run's flags, then returns ``ConLIPLoss`` with a
+``HealthMonitor`` on rank 0 (collapse warning and health lines in the run's log, see
+``conlip_plugin.monitor``); any other model gets open_clip's own loss. For: open_clip_torch 3.3.x.
 """
 import functools
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from conlip_plugin.config import ConLIPCfg
+    from conlip_plugin.monitor import HealthMonitor
 
 _REFUSED = (
     ("accum_freq", lambda v: v is not None and v > 1,
@@ -24,6 +30,20 @@ _REFUSED = (
 )
 
 
+def health_monitor_for(args, cfg: "ConLIPCfg") -> Optional["HealthMonitor"]:
+    """Rank 0's monitor for this run (None elsewhere: one log, and collapse is global).
+
+    Collapse is judged after open_clip's ``--warmup`` steps, but never before ``MIN_WARMUP``.
+    """
+    from conlip_plugin.monitor import MIN_WARMUP, HealthMonitor, negatives_per_query
+
+    if args.rank != 0:
+        return None
+    negatives = negatives_per_query(cfg.queue_size, args.batch_size * args.world_size, cfg.in_batch_negatives)
+    return HealthMonitor(negatives, cfg.instance_loss, warmup=max(args.warmup, MIN_WARMUP),
+                         world_size=args.world_size)
+
+
 def conlip_loss_for(args, model_cfg: dict):
     """Check ``args`` against ConLIP's needs, then build its loss."""
     from conlip_plugin.config import ConLIPCfg
@@ -34,7 +54,7 @@ def conlip_loss_for(args, model_cfg: dict):
         raise SystemExit(f"conlip-plugin: model {args.model!r} cannot train with these flags:\n- "
                          + "\n- ".join(problems))
     cfg = ConLIPCfg.from_dict(model_cfg["conlip_cfg"])
-    return ConLIPLoss.from_cfg(cfg, rank=args.rank)
+    return ConLIPLoss.from_cfg(cfg, rank=args.rank, monitor=health_monitor_for(args, cfg))
 
 
 def apply() -> None:
