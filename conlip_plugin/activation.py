@@ -16,6 +16,9 @@ CONFIG_DIR = Path(__file__).parent / "model_configs"
 _OPEN_CLIP_PATCHES = ("config_paths", "preprocess_cfg", "model_class", "create_loss", "pretrained_init")
 _TRAIN_PATCHES = ("cpu_ddp", "sample_errors", "checkpoint_files")
 _done: set = set()
+# A named logger: the root-level logging functions would install a handler of their own at import
+# time (logging.basicConfig), and every later line of open_clip_train would print twice.
+_log = logging.getLogger(__name__)
 
 
 class UnsupportedOpenClipVersion(RuntimeError):
@@ -73,7 +76,7 @@ def activate_open_clip(strict: bool = True) -> None:
         check_open_clip_version()
         _apply(_OPEN_CLIP_PATCHES)
         register_configs()
-        logging.debug("conlip-plugin activated for open_clip")
+        _log.debug("conlip-plugin activated for open_clip")
 
     _guarded("open_clip", strict, run)
 

@@ -153,7 +153,8 @@ def test_export_loads_in_plain_open_clip_with_same_embeddings(csv_run, caption_d
 
 def test_startup_hook_is_light_and_can_be_disabled(tmp_path, run):
     probe = ("import sys, conlip_plugin; assert 'torch' not in sys.modules, 'torch imported at start-up'\n"
-             "import open_clip; print('conlip-tiny' in open_clip.list_models())")
+             "import logging, open_clip, open_clip_train.main; print('conlip-tiny' in open_clip.list_models())\n"
+             "assert not logging.getLogger().handlers, 'a root handler at import doubles every log line'")
     on = run([PYTHON, "-c", probe], tmp_path)
     off = run([PYTHON, "-c", probe], tmp_path, env={"CONLIP_PLUGIN_DISABLE": "1"})
     assert on.stdout.strip() == "True" and off.stdout.strip() == "False"
