@@ -1,0 +1,165 @@
+"""``conlip-retrieval``: embed a gallery with any open_clip model, search it, serve a search page.
+
+    conlip-retrieval index  --model NAME [--pretrained CKPT] --images SRC --out INDEX
+    conlip-retrieval search --index INDEX (--text "..." | --image PATH) [--k 10] [--against captions] [--json]
+    conlip-retrieval serve  --index INDEX [--host 127.0.0.1] [--port 8000]
+
+SRC is a folder of images (a sidecar NAME.txt is an image's caption), a CSV/TSV read with open_clip's
+``--csv-*`` flags, or webdataset shards (a braceexpand pattern such as ``data/{000000..000009}.tar``).
+"""
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+from ..data.files import fail
+from .encoder import Encoder, ModelIdentity, UnreadableImage, loader_workers
+from .nearest import EXACT_BELOW, TARGET_RECALL
+from .sources import gallery_items
+from .store import MODALITIES, Index, IndexWriter
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="conlip-retrieval", description=__doc__.split("\n\n")[0])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    index = verbs.add_parser("index", help="embed a gallery (resumes a stopped run of the same command)")
+    index.add_argument("--model", required=True, help="open_clip model: a registered name, BASE+conlip, "
+                                                      "or local-dir:FOLDER (an exported model)")
+    index.add_argument("--pretrained", default=None, help="checkpoint file or pretrained tag (none: random init)")
+    index.add_argument("--images", required=True, help="folder, CSV/TSV, or .tar shard pattern")
+    index.add_argument("--out", required=True, type=Path, help="index folder to write")
+    index.add_argument("--csv-img-key", default="filepath")
+    index.add_argument("--csv-caption-key", default="title")
+    index.add_argument("--csv-separator", default="\t", help="as open_clip_train: a tab unless given")
+    index.add_argument("--batch-size", type=positive_int, default=64)
+    index.add_argument("--workers", type=int, default=None, help="image decoding processes (default: cores - 1)")
+    index.add_argument("--chunk-size", type=positive_int, default=4096,
+                       help="items per saved chunk: a stopped run loses at most one chunk")
+    index.add_argument("--exact-below", type=int, default=EXACT_BELOW,
+                       help="galleries smaller than this are searched exactly; larger ones get a faiss index")
+    index.add_argument("--target-recall", type=float, default=TARGET_RECALL,
+                       help="recall@10 against exact search the faiss index is tuned to reach")
+    index.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
+    index.add_argument("--no-progress", action="store_true")
+
+    search = verbs.add_parser("search", help="the best matches of a text or an image")
+    search.add_argument("--index", required=True, type=Path)
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text")
+    query.add_argument("--image", type=Path)
+    search.add_argument("--k", type=positive_int, default=10)
+    search.add_argument("--against", choices=MODALITIES, default="images",
+                        help="search the gallery's images (default) or its captions")
+    search.add_argument("--json", action="store_true", help="print a JSON list of results")
+    add_model_override(search)
+
+    serve = verbs.add_parser("serve", help="a search page and JSON API over an index")
+    serve.add_argument("--index", required=True, type=Path)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-upload-mb", type=float, default=10.0, help="largest query image accepted")
+    add_model_override(serve)
+    return parser
+
+
+def add_model_override(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="embed queries with this model; it must be the index's "
+                                                      "(default: the model recorded in the index)")
+    parser.add_argument("--pretrained", default=None, help="with --model: its weights")
+    parser.add_argument("--device", default=None)
+
+
+def query_encoder(index: Index, model: Optional[str], pretrained: Optional[str], device: Optional[str]) -> Encoder:
+    """The encoder for queries: the index's own model, or one that is provably the same weights."""
+    recorded = index.identity
+    if model is None:
+        if recorded.pretrained and Path(recorded.pretrained).suffix and not Path(recorded.pretrained).exists():
+            fail(f"{index.path} was built with {recorded.describe()}, and {recorded.pretrained} is gone; "
+                 f"pass --model and --pretrained naming the same weights where they are now.")
+        model, pretrained = recorded.model, recorded.pretrained
+    asked = ModelIdentity.of(model, pretrained)
+    if not (asked.same_weights(recorded) and (asked.fingerprint or asked.model == recorded.model)):
+        fail(f"the index {index.path} was built with {recorded.describe()}; queries would be embedded with "
+             f"{asked.describe()}, whose embeddings are not comparable. Search with the index's model, or "
+             f"build an index with this one.")
+    return Encoder(model, pretrained, device)
+
+
+def show(results: List[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(results, indent=2, ensure_ascii=False))
+        return
+    for r in results:
+        where = r.get("path") or r["key"]
+        print(f"{r['rank']:>3}  {r['score']:.4f}  {where}" + (f"  {r['caption']}" if r.get("caption") else ""))
+
+
+def run_index(args: argparse.Namespace) -> None:
+    encoder = Encoder(args.model, args.pretrained, args.device)
+    items = gallery_items(args.images, args.csv_img_key, args.csv_caption_key, args.csv_separator)
+    items = list(items) if not (args.images.endswith(".tar") or "{" in args.images) else items
+    writer = IndexWriter(args.out, encoder, args.images, chunk_size=args.chunk_size, batch_size=args.batch_size,
+                         workers=loader_workers(args.workers), exact_below=args.exact_below,
+                         target_recall=args.target_recall, progress=not args.no_progress)
+    manifest = writer.run(items, total=len(items) if isinstance(items, list) else None)
+    counts = manifest["counts"]
+    print(f"indexed {counts['items']} images ({counts['captions']} with captions) of {args.images} with "
+          f"{encoder.identity.describe()} into {args.out}")
+    if counts["skipped"]:
+        skipped = [json.loads(line) for line in (args.out / "skipped.jsonl").read_text().splitlines()]
+        named = "; ".join(f"{s['key']} ({s['reason']})" for s in skipped[:5])
+        print(f"skipped {counts['skipped']} unreadable item(s): {named}"
+              + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "") + f"; all in {args.out}/skipped.jsonl")
+    for modality, search in manifest["search"].items():
+        if search["kind"] != "exact":
+            print(f"{modality}: approximate index {search['kind']}, nprobe {search['nprobe']}, recall@10 "
+                  f"{search['recall_at_10']:.3f} against exact search on {search['recall_queries']} queries")
+    print(f"search it: conlip-retrieval search --index {args.out} --text \"...\"")
+
+
+def run_search(args: argparse.Namespace) -> None:
+    index = Index(args.index)
+    encoder = query_encoder(index, args.model, args.pretrained, args.device)
+    if args.text is not None:
+        if not args.text.strip():
+            fail("--text is empty; give the words to search for.")
+        query = encoder.texts([args.text])[0]
+    else:
+        try:
+            query = encoder.image_bytes(args.image.read_bytes())
+        except FileNotFoundError:
+            fail(f"--image {args.image} not found.")
+        except UnreadableImage as err:
+            fail(f"--image {args.image} is not an image PIL can read ({err}).")
+    show(index.search(query.numpy().astype(np.float32), args.against, args.k), args.json)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from .server import serve
+
+    index = Index(args.index)
+    encoder = query_encoder(index, args.model, args.pretrained, args.device)
+    serve(index, encoder, args.host, args.port, int(args.max_upload_mb * 1024 * 1024))
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("conlip_plugin.retrieval").setLevel(logging.INFO)
+    {"index": run_index, "search": run_search, "serve": run_serve}[args.verb](args)
+
+
+if __name__ == "__main__":
+    main()

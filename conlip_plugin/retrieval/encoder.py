@@ -1,0 +1,136 @@
+"""The model that embeds a gallery and its queries: any open_clip model, with its identity.
+
+The identity (model name, weights, and a sha256 of the weight files) is stored in the index, so a
+search embeds its queries with the very model that embedded the gallery, and a query from another
+model is refused with both names instead of returning meaningless neighbours.
+"""
+import hashlib
+import io
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..activation import activate
+
+HASH_BLOCK = 1 << 22
+
+
+class UnreadableImage(ValueError):
+    """An item's bytes are not an image PIL can decode (the message says why)."""
+
+
+def _sha256(paths: List[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(HASH_BLOCK):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which weights embedded an index. ``fingerprint`` is the sha256 of the weight files (None for a
+    random-init model or a pretrained tag), so a checkpoint that moved is still recognised."""
+
+    model: str
+    pretrained: Optional[str]
+    fingerprint: Optional[str]
+
+    @classmethod
+    def of(cls, model: str, pretrained: Optional[str]) -> "ModelIdentity":
+        files: List[Path] = []
+        if model.startswith("local-dir:"):
+            folder = Path(model[len("local-dir:"):])
+            model = "local-dir:" + str(folder.resolve())
+            files = sorted(p for p in folder.iterdir() if p.name.startswith("open_clip_")) if folder.is_dir() else []
+        if pretrained and Path(pretrained).is_file():
+            pretrained = str(Path(pretrained).resolve())
+            files.append(Path(pretrained))
+        return cls(model, pretrained or None, _sha256(files) if files else None)
+
+    def describe(self) -> str:
+        weights = self.pretrained or ("the folder's weights" if self.model.startswith("local-dir:") else "random init")
+        short = f", sha256 {self.fingerprint[:12]}" if self.fingerprint else ""
+        return f"{self.model} ({weights}{short})"
+
+    def same_weights(self, other: "ModelIdentity") -> bool:
+        if self.fingerprint or other.fingerprint:
+            return self.fingerprint == other.fingerprint
+        return (self.model, self.pretrained) == (other.model, other.pretrained)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def decode_image(data: bytes, preprocess) -> torch.Tensor:
+    """Bytes to the model's input tensor; anything PIL cannot read raises UnreadableImage."""
+    if not data:
+        raise UnreadableImage("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return preprocess(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))
+        raise UnreadableImage(f"{type(err).__name__}: {reason}") from err
+
+
+class Encoder:
+    """An open_clip model in eval mode with its preprocessing and tokenizer; outputs unit-norm float32
+    rows on the CPU. On a GPU the towers run under fp16 autocast (the index stores float16 anyway)."""
+
+    def __init__(self, model: str, pretrained: Optional[str] = None, device: Optional[str] = None):
+        activate()
+        import open_clip
+
+        self.identity = ModelIdentity.of(model, pretrained)
+        self.device = torch.device(device or default_device())
+        name = self.identity.model
+        try:
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=self.identity.pretrained, device=self.device)
+        except (RuntimeError, FileNotFoundError, ValueError) as err:
+            raise SystemExit(f"error: cannot load model {self.identity.describe()}: {err}. Check --model "
+                             f"(a registered name, BASE+conlip, or local-dir:FOLDER) and --pretrained "
+                             f"(the checkpoint it was trained as).") from err
+        self.model.eval()
+        self.tokenizer = open_clip.get_tokenizer(name)
+        self.preprocess_cfg = dict(getattr(self.model.visual, "preprocess_cfg", {}) or {})
+        with torch.no_grad():
+            self.embed_dim = int(self.texts(["a"]).shape[1])
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda")
+
+    @torch.no_grad()
+    def images(self, batch: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            out = self.model.encode_image(batch.to(self.device, non_blocking=True))
+        return torch.nn.functional.normalize(out.float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def texts(self, captions: List[str]) -> torch.Tensor:
+        with self._autocast():
+            out = self.model.encode_text(self.tokenizer(captions).to(self.device))
+        return torch.nn.functional.normalize(out.float(), dim=-1).cpu()
+
+    def image_bytes(self, data: bytes) -> torch.Tensor:
+        """One query image, as bytes, to its embedding (UnreadableImage if it is not one)."""
+        return self.images(decode_image(data, self.preprocess).unsqueeze(0))[0]
+
+
+def loader_workers(requested: Optional[int]) -> int:
+    """Decoding workers: as asked, else all but one core (at most 8)."""
+    if requested is not None:
+        return requested
+    return max(0, min(8, (os.cpu_count() or 1) - 1))

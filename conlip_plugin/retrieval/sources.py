@@ -1,0 +1,119 @@
+"""Gallery items from a folder of images, an open_clip-style CSV or webdataset shards.
+
+Items come in a fixed order (sorted files, CSV rows, shard members), so an interrupted index run
+can skip what it finished by position. An item names where its image bytes are; nothing is decoded
+here, so enumerating a million items costs only their metadata.
+"""
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import braceexpand
+
+from ..data.files import fail, normalize_caption
+from ..data.shards import IMAGE_EXTENSIONS, tar_samples
+
+FOLDER_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One gallery entry: a file (``path``), or a byte range of a shard (``shard``, ``offset``, ``size``)."""
+
+    key: str
+    caption: Optional[str] = None
+    path: Optional[str] = None
+    shard: Optional[str] = None
+    offset: int = 0
+    size: int = 0
+
+    def read_bytes(self) -> bytes:
+        if self.path is not None:
+            return Path(self.path).read_bytes()
+        with open(self.shard, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.size)
+
+    def record(self) -> dict:
+        """The metadata stored with the embedding (None fields left out)."""
+        return {k: v for k, v in (("key", self.key), ("caption", self.caption), ("path", self.path),
+                                  ("shard", self.shard), ("offset", self.offset if self.shard else None),
+                                  ("size", self.size if self.shard else None)) if v is not None}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Item":
+        return cls(**record)
+
+
+def _caption(text: Optional[str]) -> Optional[str]:
+    """A stored caption: whitespace collapsed; an empty one counts as none."""
+    caption = normalize_caption(text) if text is not None else ""
+    return caption or None
+
+
+def folder_items(root: Path) -> Iterator[Item]:
+    """Image files under ``root`` (recursive, sorted); a sidecar ``NAME.txt`` is the image's caption."""
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in FOLDER_IMAGE_SUFFIXES):
+        sidecar = path.with_suffix(".txt")
+        caption = _caption(sidecar.read_text(errors="replace")) if sidecar.is_file() else None
+        yield Item(key=str(path.relative_to(root)), caption=caption, path=str(path))
+
+
+def csv_items(csv_path: Path, img_key: str, caption_key: Optional[str], separator: str) -> Iterator[Item]:
+    """Rows of a CSV as open_clip_train reads it (pandas, ``--csv-separator``); relative image paths are
+    taken from the working directory, as open_clip does, else from the CSV's folder."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(csv_path, sep=separator, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as err:
+        fail(f"{csv_path}: cannot read this CSV ({err}); check --csv-separator (open_clip's default is a tab).")
+    if img_key not in frame.columns:
+        fail(f"{csv_path} has no column {img_key!r} (columns: {list(frame.columns)}); pass --csv-img-key "
+             f"(and --csv-separator if the header was not split: open_clip's default separator is a tab).")
+    captions = frame[caption_key].tolist() if caption_key and caption_key in frame.columns else [None] * len(frame)
+    for name, caption in zip(frame[img_key].tolist(), captions):
+        path = Path(name)
+        if not path.is_absolute() and not path.exists() and (csv_path.parent / path).exists():
+            path = csv_path.parent / path
+        yield Item(key=name, caption=_caption(caption), path=str(path.resolve()))
+
+
+def shard_items(pattern: str) -> Iterator[Item]:
+    """Samples of webdataset shards (a braceexpand pattern), grouped as open_clip_train groups them:
+    the first image member is the image, ``txt`` the caption."""
+    for shard in braceexpand.braceexpand(pattern):
+        path = Path(shard)
+        if not path.is_file():
+            fail(f"shard {shard} not found; check the pattern {pattern!r} (braceexpand syntax, e.g. "
+                 f"'data/{{000000..000009}}.tar').")
+        try:
+            with tarfile.open(path, "r:") as tar:
+                for key, members in tar_samples(tar):
+                    image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
+                    text = members.get("txt")
+                    caption = _caption(tar.extractfile(text).read().decode("utf-8", "replace")) if text else None
+                    if image is None:
+                        yield Item(key=f"{path.name}/{key}", caption=caption, shard=str(path.resolve()))
+                        continue
+                    yield Item(key=f"{path.name}/{key}", caption=caption, shard=str(path.resolve()),
+                               offset=image.offset_data, size=image.size)
+        except (tarfile.TarError, OSError, EOFError) as err:
+            fail(f"{shard}: cannot read this shard ({err}); re-download it, or leave it out of the pattern.")
+
+
+def gallery_items(source: str, csv_img_key: str = "filepath", csv_caption_key: Optional[str] = "title",
+                  csv_separator: str = "\t") -> Iterator[Item]:
+    """The items of ``source``: a folder, a ``.csv``/``.tsv`` file, or a ``.tar`` shard pattern."""
+    path = Path(source)
+    if path.is_dir():
+        return folder_items(path)
+    if source.endswith(".tar") or "{" in source:
+        return shard_items(source)
+    if path.suffix.lower() in (".csv", ".tsv"):
+        if not path.is_file():
+            fail(f"CSV {source} not found.")
+        return csv_items(path, csv_img_key, csv_caption_key, csv_separator)
+    fail(f"--images {source!r} is neither a folder, a .csv/.tsv file nor a .tar shard pattern; "
+         f"pass one of those.")

@@ -1,0 +1,288 @@
+"""The on-disk index: float16 embeddings, item metadata, the model's identity, and a faiss index for
+large galleries. Built in chunks, each saved atomically, so a killed run resumes from the last whole
+chunk; the manifest says ``complete`` only once every file is in place.
+
+    INDEX/manifest.json       model identity and preprocessing, source, counts, search settings
+    INDEX/items.jsonl         one record per indexed item (key, path or shard range, caption)
+    INDEX/images.npy          float16 [items, dim], unit rows, in item order
+    INDEX/captions.npy        float16 [captioned items, dim]; captions.rows.npy: their item rows
+    INDEX/skipped.jsonl       items left out, each with the reason
+    INDEX/{images,captions}.faiss   approximate indexes (large galleries only)
+    INDEX/parts/              finished chunks of an unfinished run (removed when it completes)
+"""
+import io
+import itertools
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.files import fail, listing, write_atomic
+from .encoder import Encoder, ModelIdentity, UnreadableImage, decode_image
+from .nearest import EXACT_BELOW, TARGET_RECALL, ApproximateIndex, build_approximate
+from .sources import Item
+
+FORMAT = 1
+MODALITIES = ("images", "captions")
+RESULT_FIELDS = ("key", "path", "shard", "caption")
+_log = logging.getLogger("conlip_plugin.retrieval")
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_atomic(path, buffer.getvalue())
+
+
+def _write_json(path: Path, value: object) -> None:
+    write_atomic(path, (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+class _Decoded(Dataset):
+    """A chunk's items decoded and preprocessed in loader workers; a failure is returned, not raised."""
+
+    def __init__(self, items: List[Item], preprocess):
+        self.items, self.preprocess = items, preprocess
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        item = self.items[i]
+        try:
+            if item.shard is not None and item.size == 0:
+                raise UnreadableImage("the sample has no image member")
+            return i, decode_image(item.read_bytes(), self.preprocess), None
+        except (UnreadableImage, OSError) as err:
+            return i, None, str(err)
+
+
+def _collate(batch):
+    good = [(i, t) for i, t, _ in batch if t is not None]
+    bad = [(i, reason) for i, _, reason in batch if reason is not None]
+    tensors = torch.stack([t for _, t in good]) if good else None
+    return [i for i, _ in good], tensors, bad
+
+
+@dataclass
+class BuildSettings:
+    """What an index run was asked for; a resumed run must ask for the same."""
+
+    source: str
+    model: dict
+    chunk_size: int
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, "model": self.model, "chunk_size": self.chunk_size}
+
+
+class IndexWriter:
+    """Embeds items chunk by chunk into ``out``; ``run`` resumes a killed build of the same settings."""
+
+    def __init__(self, out: Path, encoder: Encoder, source: str, chunk_size: int = 4096, batch_size: int = 64,
+                 workers: int = 0, exact_below: int = EXACT_BELOW, target_recall: float = TARGET_RECALL,
+                 progress: bool = True):
+        self.out, self.encoder = Path(out), encoder
+        self.settings = BuildSettings(source, encoder.identity.as_dict(), chunk_size)
+        self.batch_size, self.workers, self.progress = batch_size, workers, progress
+        self.exact_below, self.target_recall = exact_below, target_recall
+        self.parts = self.out / "parts"
+
+    def _start(self) -> int:
+        """Chunks already finished (0 for a new index); refuses an index of other settings."""
+        manifest_path = self.out / "manifest.json"
+        if manifest_path.is_file():
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("build") != self.settings.as_dict():
+                old = manifest.get("build", {})
+                fail(f"{self.out} holds an index of {old.get('source')!r} with "
+                     f"{ModelIdentity(**old['model']).describe() if old.get('model') else 'another model'}, "
+                     f"chunk size {old.get('chunk_size')}; this run asks for {self.settings.source!r} with "
+                     f"{self.encoder.identity.describe()}, chunk size {self.settings.chunk_size}. "
+                     f"Pass another --out, or delete {self.out} to rebuild.")
+            if manifest.get("complete"):
+                return -1
+        elif self.out.exists() and any(self.out.iterdir()):
+            fail(f"{self.out} exists and is not an index (no manifest.json); pass an empty or new --out.")
+        self.parts.mkdir(parents=True, exist_ok=True)
+        _write_json(manifest_path, {"format": FORMAT, "complete": False, "build": self.settings.as_dict()})
+        return sum(1 for _ in itertools.takewhile(lambda n: (self.parts / f"{n:06d}.npz").is_file(),
+                                                  itertools.count()))
+
+    def _embed_chunk(self, number: int, items: List[Item], bar) -> None:
+        loader = DataLoader(_Decoded(items, self.encoder.preprocess), batch_size=self.batch_size,
+                            num_workers=self.workers, collate_fn=_collate,
+                            pin_memory=self.encoder.device.type == "cuda")
+        rows, vectors, skipped = [], [], []
+        for positions, tensors, bad in loader:
+            if tensors is not None:
+                rows.extend(positions)
+                vectors.append(self.encoder.images(tensors).half().numpy())
+            skipped.extend(bad)
+            bar.update(len(positions) + len(bad))
+        kept = sorted(range(len(rows)), key=rows.__getitem__)
+        rows = [rows[j] for j in kept]
+        images = np.concatenate(vectors)[kept] if vectors else np.zeros((0, self.encoder.embed_dim), np.float16)
+        captioned = [j for j, r in enumerate(rows) if items[r].caption]
+        captions = [items[rows[j]].caption for j in captioned]
+        text = [self.encoder.texts(captions[s:s + self.batch_size]).half().numpy()
+                for s in range(0, len(captions), self.batch_size)]
+        records = [items[r].record() for r in rows]
+        reasons = [{"key": items[i].key, "reason": reason} for i, reason in sorted(skipped)]
+        buffer = io.BytesIO()
+        np.savez(buffer, images=images,
+                 captions=np.concatenate(text) if text else np.zeros((0, self.encoder.embed_dim), np.float16),
+                 caption_rows=np.asarray(captioned, dtype=np.int64),
+                 records=np.frombuffer(json.dumps(records).encode(), dtype=np.uint8),
+                 last_key=np.frombuffer(items[-1].key.encode(), dtype=np.uint8),
+                 skipped=np.frombuffer(json.dumps(reasons).encode(), dtype=np.uint8))
+        write_atomic(self.parts / f"{number:06d}.npz", buffer.getvalue())
+        for entry in reasons:
+            _log.warning("skipped %s: %s", entry["key"], entry["reason"])
+
+    def _last_key(self, number: int) -> str:
+        with np.load(self.parts / f"{number:06d}.npz") as part:
+            return part["last_key"].tobytes().decode()
+
+    def run(self, items: Iterable[Item], total: Optional[int] = None) -> dict:
+        """Embed every item not yet done, then write the final files; returns the manifest."""
+        from tqdm import tqdm
+
+        done = self._start()
+        if done < 0:
+            shutil.rmtree(self.parts, ignore_errors=True)
+            _log.info("%s is already complete; nothing to do", self.out)
+            return json.loads((self.out / "manifest.json").read_text())
+        size = self.settings.chunk_size
+        items = iter(items)
+        skipped_before, last = 0, None
+        for last in itertools.islice(items, done * size):
+            skipped_before += 1
+        if done and (skipped_before < done * size or last.key != self._last_key(done - 1)):
+            fail(f"{self.settings.source!r} no longer lists the items the stopped run embedded (chunk "
+                 f"{done - 1} ended at {self._last_key(done - 1)!r}); the source changed. Delete {self.out} "
+                 f"and index again.")
+        bar = tqdm(total=total, initial=skipped_before, unit="img", desc="embedding", disable=not self.progress)
+        if skipped_before:
+            _log.info("resuming %s: %d chunk(s) of %d items were finished", self.out, done, size)
+        number = done
+        while chunk := list(itertools.islice(items, size)):
+            self._embed_chunk(number, chunk, bar)
+            number += 1
+        bar.close()
+        return self._finish(number)
+
+    def _finish(self, chunks: int) -> dict:
+        parts = [np.load(self.parts / f"{n:06d}.npz") for n in range(chunks)]
+        records = [r for p in parts for r in json.loads(p["records"].tobytes())]
+        skipped = [s for p in parts for s in json.loads(p["skipped"].tobytes())]
+        offsets = np.cumsum([0] + [len(p["images"]) for p in parts])[:-1]
+        dim = self.encoder.embed_dim
+        images = np.concatenate([p["images"] for p in parts]) if parts else np.zeros((0, dim), np.float16)
+        captions = np.concatenate([p["captions"] for p in parts]) if parts else np.zeros((0, dim), np.float16)
+        caption_rows = (np.concatenate([p["caption_rows"] + o for p, o in zip(parts, offsets)])
+                        if parts else np.zeros(0, np.int64))
+        if not records:
+            fail(f"no image of {self.settings.source!r} could be read ({len(skipped)} skipped: "
+                 f"{listing([s['key'] + ' (' + s['reason'] + ')' for s in skipped])}); nothing to index.")
+        write_atomic(self.out / "items.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                       for r in records).encode())
+        write_atomic(self.out / "skipped.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n"
+                                                         for s in skipped).encode())
+        _save_npy(self.out / "images.npy", images)
+        _save_npy(self.out / "captions.npy", captions)
+        _save_npy(self.out / "captions.rows.npy", caption_rows.astype(np.int64))
+        search = {m: self._approximate(m, vectors) for m, vectors in (("images", images), ("captions", captions))}
+        manifest = {"format": FORMAT, "complete": True, "build": self.settings.as_dict(),
+                    "model": self.encoder.identity.as_dict(), "preprocess_cfg": self.encoder.preprocess_cfg,
+                    "embed_dim": dim, "counts": {"items": len(records), "captions": int(len(captions)),
+                                                 "skipped": len(skipped)}, "search": search}
+        manifest = json.loads(json.dumps(manifest))  # as it reads back: tuples become lists
+        _write_json(self.out / "manifest.json", manifest)
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return manifest
+
+    def _approximate(self, modality: str, vectors: np.ndarray) -> dict:
+        """Exact search for a small gallery; else a faiss index, saved, with its measured recall."""
+        if len(vectors) < max(self.exact_below, 1):
+            return {"kind": "exact"}
+        import faiss
+
+        _log.info("building the approximate %s index over %d vectors", modality, len(vectors))
+        built = build_approximate(vectors, self.target_recall)
+        faiss.write_index(built.index, str(self.out / f"{modality}.faiss.tmp"))
+        os.replace(self.out / f"{modality}.faiss.tmp", self.out / f"{modality}.faiss")
+        _log.info("approximate %s index %s, nprobe %d: recall@10 %.3f against exact search on %d gallery "
+                  "vectors as queries (own row left out)", modality, built.kind, built.nprobe, built.recall,
+                  built.queries)
+        return {"kind": built.kind, "nprobe": built.nprobe, "recall_at_10": built.recall,
+                "recall_queries": built.queries}
+
+
+class Index:
+    """A finished index, read for searching: float32 vectors in memory, faiss indexes where built."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        manifest_path = self.path / "manifest.json"
+        if not manifest_path.is_file():
+            fail(f"{self.path} is not an index (no manifest.json); build one with conlip-retrieval index.")
+        self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest.get("format") != FORMAT:
+            fail(f"{self.path} is an index of format {self.manifest.get('format')}; this conlip-plugin reads "
+                 f"format {FORMAT}. Rebuild it with conlip-retrieval index.")
+        if not self.manifest.get("complete"):
+            fail(f"{self.path} is unfinished (its index run was stopped); run the same conlip-retrieval index "
+                 f"command again to finish it.")
+        self.identity = ModelIdentity(**self.manifest["model"])
+        self.items = [json.loads(line) for line in (self.path / "items.jsonl").read_text().splitlines()]
+        self.skipped = [json.loads(line) for line in (self.path / "skipped.jsonl").read_text().splitlines()]
+        self.rows: Dict[str, np.ndarray] = {"images": np.arange(len(self.items)),
+                                            "captions": np.load(self.path / "captions.rows.npy")}
+        self.vectors: Dict[str, Optional[np.ndarray]] = {}
+        self.approximate: Dict[str, Optional[ApproximateIndex]] = {}
+        for modality in MODALITIES:
+            settings = self.manifest["search"][modality]
+            if settings["kind"] == "exact":  # float32 once, so each query is one matrix product
+                self.vectors[modality] = np.load(self.path / f"{modality}.npy").astype(np.float32)
+                self.approximate[modality] = None
+                continue
+            import faiss
+
+            self.vectors[modality] = None
+
+            self.approximate[modality] = ApproximateIndex(
+                faiss.read_index(str(self.path / f"{modality}.faiss")), settings["kind"], settings["nprobe"],
+                settings["recall_at_10"], settings["recall_queries"])
+
+    def search(self, query: np.ndarray, against: str, k: int) -> List[dict]:
+        """The k best items for one unit query vector, against the images or the captions."""
+        from .nearest import exact_search
+
+        if against not in MODALITIES:
+            raise ValueError(f"against must be one of {MODALITIES}, not {against!r}")
+        if query.shape[-1] != self.manifest["embed_dim"]:
+            raise ValueError(f"the query has {query.shape[-1]} dimensions; this index holds "
+                             f"{self.manifest['embed_dim']} ({self.identity.describe()})")
+        rows = self.rows[against]
+        k = min(k, len(rows))
+        if k == 0:
+            return []
+        ann = self.approximate[against]
+        query = np.asarray(query, dtype=np.float32)[None, :]
+        scores, ids = ann.search(query, k) if ann else exact_search(self.vectors[against], query, k)
+        results = []
+        for score, position in zip(scores[0], ids[0]):
+            if position < 0:  # faiss pads with -1 when the probed lists hold fewer than k vectors
+                continue
+            row = int(rows[position])
+            shown = {name: value for name, value in self.items[row].items() if name in RESULT_FIELDS}
+            results.append({"rank": len(results) + 1, "score": float(score), "row": row, **shown})
+        return results

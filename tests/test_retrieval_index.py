@@ -1,0 +1,193 @@
+"""conlip-retrieval's gallery sources, index files, resumption and search, against independent
+computations (float64 loops over the stored vectors, the encoder run one image at a time)."""
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import retrieval_models
+import shapes_data
+from conlip_plugin.retrieval import cli
+from conlip_plugin.retrieval.encoder import Encoder, decode_image
+from conlip_plugin.retrieval.nearest import build_approximate, exact_search, list_count, recall_at_k
+from conlip_plugin.retrieval.sources import Item, gallery_items
+from conlip_plugin.retrieval.store import Index, IndexWriter
+
+
+def float64_top_k(gallery: np.ndarray, query: np.ndarray, k: int) -> list:
+    """Explicit loop: every row's score in float64, sorted best first, lower row first on ties."""
+    scores = [(-sum(float(a) * float(b) for a, b in zip(row, query)), i) for i, row in enumerate(gallery)]
+    return [i for _, i in sorted(scores)[:k]]
+
+
+def clustered(n: int, dim: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(1, n // 50), dim))
+    x = centres[rng.integers(0, len(centres), n)] + 1.5 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory):
+    """The 30 shapes images, plus an unreadable file and a missing one in a CSV, and a tiny ConLIP model."""
+    root = tmp_path_factory.mktemp("gallery")
+    data = shapes_data.write(root / "data")
+    (root / "data" / "images" / "broken.png").write_bytes(b"\x89PNG not really")
+    with open(data["csv"], "a") as f:
+        f.write(f"{root / 'data' / 'images' / 'broken.png'},a broken file\n{root / 'gone.png'},a missing file\n")
+    ckpt = retrieval_models.conlip_checkpoint(root / "tiny.pt")
+    return {"root": root, "csv": data["csv"], "shard": data["shard"], "ckpt": ckpt,
+            "encoder": Encoder("conlip-tiny", str(ckpt), "cpu")}
+
+
+def build(gallery, out: Path, chunk_size: int = 4096, **kw) -> dict:
+    items = gallery_items(str(gallery["csv"]), "filepath", "title", ",")
+    return IndexWriter(out, gallery["encoder"], str(gallery["csv"]), chunk_size=chunk_size, progress=False,
+                       **kw).run(items)
+
+
+def stops_after(gallery, n: int):
+    """The gallery's items, interrupted (as by Ctrl-C) when item ``n`` is asked for."""
+    for i, item in enumerate(gallery_items(str(gallery["csv"]), "filepath", "title", ",")):
+        if i == n:
+            raise KeyboardInterrupt
+        yield item
+
+
+def test_exact_search_matches_a_float64_loop():
+    rng = np.random.default_rng(1)
+    g = rng.standard_normal((300, 8)).astype(np.float16)
+    g[17] = g[3]  # an exact tie: the lower row comes first
+    queries = rng.standard_normal((4, 8)).astype(np.float32)
+    queries[0] = g[3].astype(np.float32)
+    scores, ids = exact_search(g, queries, 6)
+    for q, row_ids, row_scores in zip(queries, ids, scores):
+        expected = float64_top_k(g.astype(np.float64), q.astype(np.float64), 6)
+        assert row_ids.tolist() == expected
+        np.testing.assert_allclose(row_scores, [float(g[i].astype(np.float64) @ q) for i in expected], rtol=1e-5)
+    assert ids[0][:2].tolist() == [3, 17]
+
+
+def test_list_count_grows_with_the_square_root_and_respects_training_points():
+    assert list_count(1_000_000) == 4096 and list_count(100_000) == 1024
+    assert list_count(300) == 300 // 40 and list_count(10) == 1
+
+
+def test_approximate_index_reports_the_recall_an_independent_computation_finds():
+    g = clustered(4000, 16, seed=2)
+    built = build_approximate(g, target_recall=0.9, sample=50, seed=0)
+    assert built.kind == f"IVF{list_count(4000)},SQfp16"
+    own = built.query_rows
+    assert len(own) == built.queries == 50
+    built.index.nprobe = built.nprobe
+    found = built.index.search(g[own].astype(np.float32), 11)[1]
+    hits = 0
+    for q, row in zip(own, found):
+        truth = [i for i in float64_top_k(g.astype(np.float64), g[q].astype(np.float64), 11) if i != q][:10]
+        hits += len(set(truth) & set([i for i in row if i != q][:10]))
+    assert built.recall == pytest.approx(hits / 500)
+    assert built.recall >= 0.9 or built.nprobe == list_count(4000)
+
+
+def test_recall_at_k_counts_overlap():
+    assert recall_at_k(np.array([[1, 2, 3]]), np.array([[3, 4, 1]]), 3) == pytest.approx(2 / 3)
+
+
+def test_folder_items_take_sidecar_captions_and_skip_other_files(tmp_path):
+    (tmp_path / "sub").mkdir()
+    shapes_data.draw("red", "square").save(tmp_path / "sub" / "b.png")
+    shapes_data.draw("blue", "circle").save(tmp_path / "a.jpg")
+    (tmp_path / "a.txt").write_text("  a blue\n circle ")
+    (tmp_path / "notes.md").write_text("not an image")
+    items = list(gallery_items(str(tmp_path)))
+    assert [(i.key, i.caption) for i in items] == [("a.jpg", "a blue circle"), ("sub/b.png", None)]
+
+
+def test_shard_items_point_at_the_image_bytes(tmp_path):
+    data = shapes_data.write(tmp_path)
+    items = list(gallery_items(str(data["shard"])))
+    with tarfile.open(data["shard"]) as tar:
+        for n in (0, 29):
+            assert items[n].read_bytes() == tar.extractfile(f"{n:06d}.png").read()
+            assert items[n].caption == tar.extractfile(f"{n:06d}.txt").read().decode()
+    assert Item.from_record(items[5].record()) == items[5]
+
+
+def test_csv_without_the_image_column_names_the_flag(tmp_path):
+    (tmp_path / "x.csv").write_text("file,title\na.png,x\n")
+    with pytest.raises(SystemExit, match="--csv-img-key"):
+        list(gallery_items(str(tmp_path / "x.csv"), "filepath", "title", ","))
+
+
+def test_index_stores_each_image_and_caption_embedding_and_names_what_it_skipped(gallery, tmp_path):
+    manifest = build(gallery, tmp_path / "idx", batch_size=7)
+    assert manifest["counts"] == {"items": 30, "captions": 30, "skipped": 2}
+    skipped = [json.loads(line) for line in (tmp_path / "idx" / "skipped.jsonl").read_text().splitlines()]
+    assert skipped[0]["key"].endswith("broken.png") and "cannot identify image" in skipped[0]["reason"]
+    assert skipped[1]["key"].endswith("gone.png") and "No such file" in skipped[1]["reason"]
+    images = np.load(tmp_path / "idx" / "images.npy")
+    captions = np.load(tmp_path / "idx" / "captions.npy")
+    assert images.dtype == np.float16 and captions.dtype == np.float16
+    items = [json.loads(line) for line in (tmp_path / "idx" / "items.jsonl").read_text().splitlines()]
+    encoder = gallery["encoder"]
+    for n in (0, 13, 29):
+        alone = encoder.images(decode_image(Path(items[n]["path"]).read_bytes(), encoder.preprocess)[None])[0]
+        np.testing.assert_allclose(images[n].astype(np.float32), alone.numpy(), atol=2e-3)
+        np.testing.assert_allclose(captions[n].astype(np.float32), encoder.texts([items[n]["caption"]])[0].numpy(),
+                                   atol=2e-3)
+    assert manifest["model"]["fingerprint"] == encoder.identity.fingerprint
+    assert not (tmp_path / "idx" / "parts").exists()
+
+
+def test_index_search_ranks_as_a_float64_loop_over_the_stored_vectors(gallery, tmp_path):
+    build(gallery, tmp_path / "idx")
+    index = Index(tmp_path / "idx")
+    query = gallery["encoder"].texts(["a green circle"])[0].numpy()
+    results = index.search(query, "images", 5)
+    stored = np.load(tmp_path / "idx" / "images.npy").astype(np.float64)
+    assert [r["row"] for r in results] == float64_top_k(stored, query.astype(np.float64), 5)
+    assert [r["rank"] for r in results] == [1, 2, 3, 4, 5]
+    assert results[0]["caption"] and results[0]["path"].endswith(".png")
+    by_caption = index.search(query, "captions", 3)
+    stored_captions = np.load(tmp_path / "idx" / "captions.npy").astype(np.float64)
+    assert [r["row"] for r in by_caption] == float64_top_k(stored_captions, query.astype(np.float64), 3)
+
+
+def test_a_stopped_run_resumes_to_the_same_files(gallery, tmp_path):
+    whole = build(gallery, tmp_path / "whole", chunk_size=8)
+    writer = IndexWriter(tmp_path / "cut", gallery["encoder"], str(gallery["csv"]), chunk_size=8, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        writer.run(stops_after(gallery, 20))
+    assert sorted(p.name for p in (tmp_path / "cut" / "parts").iterdir()) == ["000000.npz", "000001.npz"]
+    with pytest.raises(SystemExit, match="unfinished"):
+        Index(tmp_path / "cut")
+    resumed = build(gallery, tmp_path / "cut", chunk_size=8)
+    assert resumed == whole
+    for name in ("images.npy", "captions.npy", "captions.rows.npy", "items.jsonl", "skipped.jsonl"):
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_resuming_with_other_settings_or_a_changed_source_is_refused(gallery, tmp_path):
+    writer = IndexWriter(tmp_path / "cut", gallery["encoder"], str(gallery["csv"]), chunk_size=8, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        writer.run(stops_after(gallery, 9))
+    items = list(gallery_items(str(gallery["csv"]), "filepath", "title", ","))
+    with pytest.raises(SystemExit, match="chunk size 8; this run asks for .* chunk size 16"):
+        build(gallery, tmp_path / "cut", chunk_size=16)
+    with pytest.raises(SystemExit, match="the source changed"):
+        IndexWriter(tmp_path / "cut", gallery["encoder"], str(gallery["csv"]), chunk_size=8,
+                    progress=False).run(items[1:])
+
+
+def test_approximate_search_when_the_gallery_is_large(gallery, tmp_path):
+    manifest = build(gallery, tmp_path / "idx", exact_below=0)
+    assert manifest["search"]["images"]["kind"] == "IVF1,SQfp16"
+    assert manifest["search"]["images"]["recall_at_10"] == pytest.approx(1.0)
+    index = Index(tmp_path / "idx")
+    query = gallery["encoder"].texts(["a red bar"])[0].numpy()
+    stored = np.load(tmp_path / "idx" / "images.npy").astype(np.float64)
+    assert [r["row"] for r in index.search(query, "images", 4)] == float64_top_k(stored, query.astype(np.float64), 4)
