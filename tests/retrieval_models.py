@@ -42,6 +42,7 @@ def all_kinds(root: Path) -> Dict[str, Tuple[str, str]]:
     """kind -> (--model, --pretrained or '') for each kind, written under ``root``."""
     from conlip_plugin.export import export_inference_model
 
+    root.mkdir(parents=True, exist_ok=True)
     ckpt = conlip_checkpoint(root / "conlip-tiny.pt")
     exported = export_inference_model("conlip-tiny", str(ckpt), str(root / "exported"))
     plain = plain_open_clip_folder(root / "plain")

@@ -92,8 +92,8 @@ def query_encoder(index: Index, model: Optional[str], pretrained: Optional[str],
     asked = ModelIdentity.of(model, pretrained)
     if not (asked.same_weights(recorded) and (asked.fingerprint or asked.model == recorded.model)):
         fail(f"the index {index.path} was built with {recorded.describe()}; queries would be embedded with "
-             f"{asked.describe()}, whose embeddings are not comparable. Search with the index's model, or "
-             f"build an index with this one.")
+             f"{asked.describe()}, other weights whose embeddings do not share the index's space. Search "
+             f"with the index's model, or build an index with this one.")
     return Encoder(model, pretrained, device)
 
 

@@ -1,0 +1,115 @@
+"""The conlip-retrieval command on each kind of model: a ConLIP checkpoint, its exported folder, and a
+plain open_clip model; a query model other than the index's is refused; kill -9 mid-run resumes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import retrieval_models
+import shapes_data
+from conlip_plugin.retrieval import cli
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data = shapes_data.write(root / "data")
+    return {"root": root, "data": data, "kinds": retrieval_models.all_kinds(root / "models")}
+
+
+def conlip_retrieval(capsys, *argv: str) -> str:
+    cli.main([str(a) for a in argv])
+    return capsys.readouterr().out
+
+
+def model_args(model: str, pretrained: str) -> list:
+    return ["--model", model] + (["--pretrained", pretrained] if pretrained else [])
+
+
+@pytest.mark.parametrize("kind", ["conlip checkpoint", "exported folder", "plain open_clip"])
+def test_index_and_search_each_kind_of_model(setup, capsys, kind):
+    model, pretrained = setup["kinds"][kind]
+    out = setup["root"] / kind.replace(" ", "-")
+    printed = conlip_retrieval(capsys, "index", *model_args(model, pretrained), "--images", setup["data"]["shard"],
+                               "--out", out, "--workers", "0", "--no-progress")
+    assert "indexed 30 images (30 with captions)" in printed
+    results = json.loads(conlip_retrieval(capsys, "search", "--index", out, "--text", "a red circle", "--k", "4",
+                                          "--json"))
+    assert [r["rank"] for r in results] == [1, 2, 3, 4]
+    assert all(r["key"].startswith("shard-000000.tar/") and r["caption"].startswith("a ") for r in results)
+    assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+    image = setup["data"]["root"] / "images" / "0007.png"
+    by_image = json.loads(conlip_retrieval(capsys, "search", "--index", out, "--image", image, "--k", "3", "--json"))
+    assert by_image[0]["key"] == "shard-000000.tar/000007" and by_image[0]["score"] == pytest.approx(1.0, abs=2e-3)
+    caption = "a red circle on a white background"
+    captions = json.loads(conlip_retrieval(capsys, "search", "--index", out, "--text", caption, "--against",
+                                           "captions", "--k", "30", "--json"))
+    own = next(r for r in captions if r["caption"] == caption)  # random towers: captions embed almost alike
+    assert own["score"] == pytest.approx(1.0, abs=2e-3) and own["score"] >= captions[0]["score"] - 2e-3
+    text = conlip_retrieval(capsys, "search", "--index", out, "--text", "a red circle", "--k", "2")
+    assert text.splitlines()[0].split()[:2] == ["1", f"{results[0]['score']:.4f}"]
+
+
+def test_the_export_embeds_as_the_checkpoint_it_came_from(setup):
+    stored = {kind: np.load(setup["root"] / kind.replace(" ", "-") / "images.npy")
+              for kind in ("conlip checkpoint", "exported folder")}
+    if any(not (setup["root"] / kind.replace(" ", "-")).exists() for kind in stored):
+        pytest.skip("needs the index test of both kinds first")
+    np.testing.assert_allclose(stored["conlip checkpoint"].astype(np.float32),
+                               stored["exported folder"].astype(np.float32), atol=2e-3)
+
+
+def test_a_query_model_other_than_the_index_model_is_refused_with_both_names(setup, capsys):
+    out = setup["root"] / "refusal"
+    model, ckpt = setup["kinds"]["conlip checkpoint"]
+    conlip_retrieval(capsys, "index", "--model", model, "--pretrained", ckpt, "--images", setup["data"]["csv"],
+                     "--csv-separator", ",", "--out", out, "--workers", "0", "--no-progress")
+    other = retrieval_models.conlip_checkpoint(setup["root"] / "other.pt", seed=1)
+    for argv in (["--model", model, "--pretrained", other], ["--model", setup["kinds"]["plain open_clip"][0]]):
+        with pytest.raises(SystemExit) as stop:
+            conlip_retrieval(capsys, "search", "--index", out, "--text", "x", *argv)
+        message = str(stop.value)
+        assert f"conlip-tiny ({ckpt}" in message and str(argv[1]).split(":")[-1] in message
+
+
+def test_an_index_of_nothing_readable_names_every_failure(setup, capsys, tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"no")
+    with pytest.raises(SystemExit, match="no image of .* could be read .*bad.png"):
+        conlip_retrieval(capsys, "index", *model_args(*setup["kinds"]["plain open_clip"]), "--images", tmp_path,
+                         "--out", tmp_path / "idx", "--workers", "0", "--no-progress")
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_resumes_to_the_uninterrupted_index(setup, run, tmp_path):
+    """A real process killed after its first saved chunk; the rerun finishes with identical files."""
+    model, ckpt = setup["kinds"]["conlip checkpoint"]
+    folder = tmp_path / "gallery"
+    folder.mkdir()
+    for n in range(8):  # 240 images: 30 chunks of 8
+        for i, (img, _) in enumerate(shapes_data.samples()):
+            img.rotate(n * 40).save(folder / f"{n}-{i:02d}.png")
+    cmd = [sys.executable, "-m", "conlip_plugin.retrieval.cli", "index", "--model", model, "--pretrained", ckpt,
+           "--images", str(folder), "--workers", "0", "--chunk-size", "8", "--batch-size", "4", "--no-progress"]
+    run(cmd + ["--out", str(tmp_path / "whole")], tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "cut")], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / "cut" / "parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (parts.is_dir() and len(list(parts.glob("*.npz"))) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = len(list(parts.glob("*.npz")))
+    assert 3 <= finished < 30, f"killed after {finished} of 30 chunks"
+    resumed = run(cmd + ["--out", str(tmp_path / "cut")], tmp_path)
+    assert f"resuming {tmp_path / 'cut'}: {finished} chunk(s) of 8 items were finished" in resumed.stderr
+    for name in ("images.npy", "captions.npy", "items.jsonl", "skipped.jsonl", "manifest.json"):
+        whole, cut = (tmp_path / "whole" / name).read_bytes(), (tmp_path / "cut" / name).read_bytes()
+        assert whole == cut, name
