@@ -34,3 +34,7 @@ def test_smoke_demo_writes_the_report(tmp_path, run):
         assert (report / name).stat().st_size > 0, name
     assert "one seed only" in (report / "README.md").read_text()
     assert "report written" in proc.stdout
+    index = tmp_path / "demo" / "retrieval-index"
+    assert f"conlip-retrieval serve --index {index}" in proc.stdout
+    manifest = json.loads((index / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["counts"]["items"] == manifest["counts"]["captions"] > 0

@@ -240,6 +240,22 @@ def gallery(model_name: str, ckpt: Path, root: Path, report: Path, queries: int 
         "<table border=1 cellpadding=4>" + "".join(rows_html) + "</table></body></html>\n")
 
 
+def retrieval_index(model_name: str, ckpt: Path, root: Path, out: Path) -> Path:
+    """The test images with their first captions, indexed by ``conlip-retrieval`` for search and serving."""
+    from ..retrieval.cli import main as retrieval
+
+    first_caption: Dict[str, str] = {}
+    for name, caption in read_pairs(root):
+        first_caption.setdefault(name, caption)
+    table = out / "gallery.tsv"
+    table.write_text("filepath\ttitle\n" + "".join(f"{(root / name).resolve()}\t{caption}\n"
+                                                     for name, caption in sorted(first_caption.items())))
+    index = out / "retrieval-index"
+    retrieval(["index", "--model", model_name, "--pretrained", str(ckpt), "--images", str(table), "--out", str(index),
+               "--no-progress"])
+    return index
+
+
 def positive_int(text: str) -> int:
     """argparse type: a count that must be at least 1."""
     value = int(text)
@@ -305,6 +321,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     plot_losses(curves, report / "losses.png")
     gallery(family, checkpoints[("ConLIP", 0)], data / "test-cross-style", report)
 
+    say("indexing the cross-style test images with the ConLIP model (conlip-retrieval)")
+    index = retrieval_index(family, checkpoints[("ConLIP", 0)], data / "test-cross-style", out)
+
     table = summarise(results, ranks, args.seeds)
     chance = ", ".join(f"{split} {100 / len({f for f, _ in read_pairs(data / folder)}):.2f}"
                        for split, folder in SPLITS)
@@ -323,6 +342,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     (report / "results.json").write_text(json.dumps(results, indent=2))
     print("\n" + text)
     say(f"report written to {report}")
+    say(f"search the test images in a browser: conlip-retrieval serve --index {index}")
 
 
 if __name__ == "__main__":
