@@ -56,6 +56,28 @@ def test_index_and_search_each_kind_of_model(setup, capsys, kind):
     assert text.splitlines()[0].split()[:2] == ["1", f"{results[0]['score']:.4f}"]
 
 
+@pytest.mark.parametrize("kind", ["conlip checkpoint", "exported folder", "plain open_clip"])
+def test_serve_answers_for_each_kind_of_model(setup, kind):
+    """The app ``serve`` runs, over the index the test above built, with the encoder the CLI picks."""
+    from fastapi.testclient import TestClient
+
+    from conlip_plugin.retrieval.server import create_app
+    from conlip_plugin.retrieval.store import Index
+
+    out = setup["root"] / kind.replace(" ", "-")
+    if not out.exists():
+        pytest.skip("needs the index test of this kind first")
+    index = Index(out)
+    client = TestClient(create_app(index, cli.query_encoder(index, None, None, "cpu"), 1 << 20))
+    answer = client.get("/api/search", params={"text": "a blue bar", "k": 3})
+    assert answer.status_code == 200, answer.text
+    assert [r["rank"] for r in answer.json()["results"]] == [1, 2, 3]
+    image = (setup["data"]["root"] / "images" / "0012.png").read_bytes()
+    found = client.post("/api/search/image", files={"file": ("q.png", image, "image/png")}, data={"k": "1"})
+    assert found.json()["results"][0]["key"] == "shard-000000.tar/000012"
+    assert client.get(f"/api/items/{found.json()['results'][0]['row']}/image").content == image
+
+
 def test_the_export_embeds_as_the_checkpoint_it_came_from(setup):
     stored = {kind: np.load(setup["root"] / kind.replace(" ", "-") / "images.npy")
               for kind in ("conlip checkpoint", "exported folder")}

@@ -30,6 +30,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conlip-retrieval", description=__doc__.split("\n\n")[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -68,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = verbs.add_parser("serve", help="a search page and JSON API over an index")
     serve.add_argument("--index", required=True, type=Path)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-upload-mb", type=float, default=10.0, help="largest query image accepted")
+    serve.add_argument("--port", type=int, default=8000, help="0: any free port (the URL is printed)")
+    serve.add_argument("--max-upload-mb", type=positive_float, default=10.0, help="largest query image accepted")
     add_model_override(serve)
     return parser
 

@@ -1,0 +1,299 @@
+"""``conlip-retrieval serve``: a search page and a JSON API over one index.
+
+    GET  /                          the page (static files of this package; nothing from the internet)
+    GET  /api/info                  the index's model, counts, search kinds and dimension
+    GET  /api/search?text=...&k=10&against=images|captions[&model=...&pretrained=...]
+    POST /api/search/image          multipart: file (+ k, against, model, pretrained)
+    POST /api/search/embedding      JSON: {"embedding": [...], "model": ..., "pretrained": ..., "k", "against"}
+    GET  /api/items/{row}/image     an item's image bytes
+
+Queries are embedded with the index's own model; a request that names another model, or an embedding
+made by one, is refused (409) with both models named, since its scores would be meaningless. Errors
+are JSON ``{"detail": "..."}`` messages that say what to change.
+"""
+import functools
+import io
+import mimetypes
+import socket
+import threading
+from pathlib import Path
+from typing import Callable, List, Literal, Optional
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from ..data.files import fail
+from .encoder import Encoder, ModelIdentity, UnreadableImage
+from .sources import Item
+from .store import MODALITIES, Index
+
+STATIC = Path(__file__).resolve().parent / "static"
+MAX_K = 1000
+# A multipart body carries boundaries, part headers and the small form fields besides the file.
+MULTIPART_SLACK = 64 * 1024
+Against = Literal["images", "captions"]
+
+
+class _BodyTooLarge(Exception):
+    """The request body went past the bound while it was being read."""
+
+
+class EmbeddingQuery(BaseModel):
+    """A query embedded by the client, with the model that embedded it."""
+
+    embedding: List[float]
+    model: str
+    pretrained: Optional[str] = None
+    k: int = Field(10, ge=1, le=MAX_K)
+    against: Against = "images"
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 2 ** 20:.2f} MB ({size:,} bytes)" if size >= 10_000 else f"{size:,} bytes"
+
+
+def _too_large(size: str, limit: int) -> HTTPException:
+    return HTTPException(413, f"the upload is {size}; this server takes query images up to {_megabytes(limit)}. "
+                              f"Send a smaller image, or restart conlip-retrieval serve with a larger "
+                              f"--max-upload-mb.")
+
+
+def _bounded(request: Request, most: int) -> Request:
+    """The same request, whose body stream raises _BodyTooLarge once more than ``most`` bytes arrived."""
+    seen = 0
+    receive = request.receive
+
+    async def counting_receive():
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > most:
+            raise _BodyTooLarge
+        return message
+
+    return Request(request.scope, counting_receive)
+
+
+def _content_type(data: bytes, name: str) -> str:
+    """The image's MIME type from its header (PIL), else from the file name."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            sniffed = Image.MIME.get(img.format or "")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        sniffed = None
+    return sniffed or mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
+def _where(location: tuple) -> str:
+    """A validation error's place: 'k (query)', 'embedding.3 (body)', or just 'body'."""
+    name = ".".join(str(part) for part in location[1:])
+    return f"{name} ({location[0]})" if name else str(location[0])
+
+
+def _check_k(raw: object) -> int:
+    try:
+        k = int(str(raw))
+    except ValueError:
+        k = 0
+    if not 1 <= k <= MAX_K:
+        raise HTTPException(422, f"k must be a whole number from 1 to {MAX_K}, not {raw!r}.")
+    return k
+
+
+def _check_against(raw: object) -> str:
+    if raw not in MODALITIES:
+        raise HTTPException(422, f"against must be one of {', '.join(MODALITIES)}, not {raw!r}.")
+    return str(raw)
+
+
+def _weight_files_stamp(model: str, pretrained: Optional[str]) -> tuple:
+    """Name, mtime and size of the files an identity hashes: a rewritten checkpoint is hashed again."""
+    paths = []
+    if model.startswith("local-dir:") and Path(model[len("local-dir:"):]).is_dir():
+        paths += sorted(Path(model[len("local-dir:"):]).iterdir())
+    if pretrained and Path(pretrained).is_file():
+        paths.append(Path(pretrained))
+    return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_identity(model: str, pretrained: Optional[str], stamp: tuple) -> ModelIdentity:
+    return ModelIdentity.of(model, pretrained)
+
+
+def _identity_of(model: str, pretrained: Optional[str]) -> ModelIdentity:
+    """ModelIdentity.of, cached while the weight files are unchanged: hashing a checkpoint per request
+    would cost seconds."""
+    return _cached_identity(model, pretrained, _weight_files_stamp(model, pretrained))
+
+
+def create_app(index: Index, encoder: Encoder, max_upload_bytes: int) -> FastAPI:
+    """The API and the page over ``index``; ``encoder`` must hold the index's weights."""
+    if not encoder.identity.same_weights(index.identity):
+        raise ValueError(f"the index {index.path} was built with {index.identity.describe()}, but the encoder "
+                         f"holds {encoder.identity.describe()}; serve it with the index's model.")
+    app = FastAPI(title="conlip-retrieval", description=f"search {index.path} ({index.identity.describe()})")
+    lock = threading.Lock()  # the model and the tokenizer are not safe to call from two threads at once
+    dim = int(index.manifest["embed_dim"])
+
+    def locked(call: Callable, *args):
+        with lock:
+            return call(*args)
+
+    def refuse_other_model(asked: ModelIdentity, what: str) -> None:
+        recorded = index.identity
+        if not (asked.same_weights(recorded) and (asked.fingerprint or asked.model == recorded.model)):
+            raise HTTPException(409, f"this index was built with {recorded.describe()}; {what} "
+                                     f"{asked.describe()}, and embeddings of different models are not "
+                                     f"comparable. Use the index's model, or search an index built with that one.")
+
+    def check_named_model(model: Optional[str], pretrained: Optional[str]) -> None:
+        """A text or image query may name the model it expects: with weights (the index's model name
+        when only those are given), the identity must match; a bare model name must be the index's."""
+        if model is None and pretrained is None:
+            return
+        model = model or index.identity.model
+        if pretrained is None:
+            named = identity(model, None)
+            if named.model != index.identity.model:
+                raise HTTPException(409, f"this index was built with {index.identity.describe()}; the request "
+                                         f"asks for {named.describe()}. Leave model out (the server embeds "
+                                         f"queries with the index's model), or serve an index built with it.")
+            return
+        refuse_other_model(identity(model, pretrained), "the request asks for")
+
+    def identity(model: str, pretrained: Optional[str]) -> ModelIdentity:
+        try:
+            return _identity_of(model, pretrained)
+        except OSError as err:
+            raise HTTPException(400, f"cannot read the weights {pretrained!r} of model {model!r} to compare "
+                                     f"them with the index's ({err}); name a readable checkpoint.") from err
+
+    def answer(query: dict, vector: np.ndarray, against: str, k: int) -> dict:
+        results = locked(index.search, vector, against, k)
+        return {"query": query, "against": against, "k": k, "results": results}
+
+    @app.exception_handler(RequestValidationError)
+    async def readable_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{_where(error['loc'])}: {error['msg']}" for error in exc.errors())
+        return JSONResponse({"detail": f"invalid request: {problems}."}, status_code=422)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/api/info")
+    def info() -> dict:
+        return {"model": index.identity.describe(), "identity": index.identity.as_dict(),
+                "counts": index.manifest["counts"], "search": index.manifest["search"], "embed_dim": dim,
+                "max_upload_bytes": max_upload_bytes, "max_k": MAX_K}
+
+    @app.get("/api/search")
+    def search_text(text: str = "", k: int = Query(10, ge=1, le=MAX_K), against: Against = "images",
+                    model: Optional[str] = None, pretrained: Optional[str] = None) -> dict:
+        if not text.strip():
+            raise HTTPException(400, "text is empty; give the words to search for (?text=...).")
+        check_named_model(model, pretrained)
+        vector = locked(encoder.texts, [text])[0].numpy()
+        return answer({"text": text}, vector, against, k)
+
+    @app.post("/api/search/image")
+    async def search_image(request: Request) -> dict:
+        """Multipart ``file`` with ``k``, ``against``, ``model``, ``pretrained`` fields. The body is read
+        only up to the limit (plus the multipart framing), so an oversized upload costs no memory."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_upload_bytes + MULTIPART_SLACK:
+            raise _too_large(f"{_megabytes(int(declared))} in all", max_upload_bytes)
+        bounded = _bounded(request, max_upload_bytes + MULTIPART_SLACK)
+        try:
+            form = await bounded.form(max_files=1, max_fields=8)
+        except _BodyTooLarge:
+            most = max_upload_bytes + MULTIPART_SLACK
+            raise _too_large(f"more than {_megabytes(most)}", max_upload_bytes) from None
+        try:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise HTTPException(400, "no image in the request; send it as the multipart form field 'file'.")
+            k, against = _check_k(form.get("k", 10)), _check_against(form.get("against", "images"))
+            model, pretrained = form.get("model") or None, form.get("pretrained") or None  # text: one file only
+            await run_in_threadpool(check_named_model, model, pretrained)  # may hash a checkpoint
+            data = await upload.read(max_upload_bytes + 1)
+            if len(data) > max_upload_bytes:
+                raise _too_large(_megabytes(upload.size or len(data)), max_upload_bytes)
+            try:
+                vector = await run_in_threadpool(locked, encoder.image_bytes, data)
+            except UnreadableImage as err:
+                raise HTTPException(415, f"{upload.filename or 'the upload'} is not an image this server can "
+                                         f"read ({err}); send a PNG, JPEG, WebP, GIF, BMP or TIFF file.") from err
+            return answer({"image": upload.filename, "bytes": len(data)}, vector.numpy(), against, k)
+        finally:
+            await form.close()
+
+    @app.post("/api/search/embedding")
+    def search_embedding(body: EmbeddingQuery) -> dict:
+        """For clients that embed their queries themselves; the vector is scaled to unit length."""
+        refuse_other_model(identity(body.model, body.pretrained), "the embedding was made with")
+        vector = np.asarray(body.embedding, dtype=np.float64)
+        if vector.shape != (dim,):
+            raise HTTPException(400, f"the embedding has {vector.size} dimensions; this index holds {dim} "
+                                     f"({index.identity.describe()}).")
+        norm = float(np.linalg.norm(vector))
+        if not np.isfinite(norm) or norm == 0:
+            raise HTTPException(400, "the embedding is zero or not finite; send the model's output vector.")
+        query = {"embedding": dim, "model": _identity_of(body.model, body.pretrained).describe()}
+        return answer(query, (vector / norm).astype(np.float32), body.against, body.k)
+
+    @app.get("/api/items/{row}/image")
+    def item_image(row: int) -> Response:
+        if not 0 <= row < len(index.items):
+            raise HTTPException(404, f"no item {row}; this index holds items 0 to {len(index.items) - 1}.")
+        item = Item.from_record(index.items[row])
+        try:
+            data = item.read_bytes()
+        except OSError as err:
+            raise HTTPException(404, f"the image of item {row} ({item.path or item.shard}) cannot be read "
+                                     f"({err}); the gallery has moved since the index was built.") from err
+        return Response(data, media_type=_content_type(data, item.path or item.key))
+
+    return app
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """Bound before the server starts, so a busy port is reported plainly and port 0 picks a free one."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as err:
+        fail(f"cannot resolve --host {host!r} ({err}); pass an address such as 127.0.0.1.")
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        fail(f"cannot listen on {host}:{port} ({err.strerror}); pass another --port (0 picks a free one) "
+             f"or --host.")
+    sock.listen(128)
+    return sock
+
+
+def serve(index: Index, encoder: Encoder, host: str, port: int, max_upload_bytes: int) -> None:
+    """Serve the page and the API until interrupted; prints the address (with the port actually bound)."""
+    import uvicorn
+
+    app = create_app(index, encoder, max_upload_bytes)
+    sock = _listening_socket(host, port)
+    bound_port = sock.getsockname()[1]
+    shown_host = f"[{host}]" if ":" in host else host
+    print(f"serving {index.path} ({index.manifest['counts']['items']} images, {index.identity.describe()}) "
+          f"at http://{shown_host}:{bound_port}/ (Ctrl+C stops)", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])

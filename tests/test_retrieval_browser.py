@@ -1,0 +1,165 @@
+"""The search page in a real browser: ``conlip-retrieval serve`` as a subprocess, driven by Playwright
+with Debian's Chromium. Leaves a screenshot in $CONLIP_TEST_ARTIFACTS (default: test-artifacts/)."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from retrieval_fixtures import build_tiny_index
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+K = 8
+
+
+def _missing(reason: str) -> None:
+    """Skip, saying what to install; CI sets CONLIP_REQUIRE_BROWSER=1 so that there it fails instead."""
+    if os.environ.get("CONLIP_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{reason} (CONLIP_REQUIRE_BROWSER=1: this run must test the page)")
+    pytest.skip(reason)
+
+
+def _chromium() -> str:
+    found = next((p for p in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser"))
+                  if p and Path(p).is_file()), None)
+    if found is None:
+        _missing("no Chromium executable; install it with apt-get install chromium")
+    return found
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright import sync_api
+    except ImportError:
+        _missing("Playwright is missing; install it with pip install 'conlip-plugin[retrieval]'")
+    executable = _chromium()
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, one_thread):
+    return build_tiny_index(tmp_path_factory.mktemp("retrieval-browser"))
+
+
+@pytest.fixture(scope="module")
+def server(tiny, tmp_path_factory):
+    """``conlip-retrieval serve --port 0`` until the module ends; yields the URL it printed."""
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "conlip_plugin.retrieval.cli", "serve", "--index",
+                                 str(tiny.path), "--port", "0", "--device", "cpu"], cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        yield _wait_until_serving(proc, log_path)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_until_serving(proc: subprocess.Popen, log_path: Path, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.search(r"at (http://\S+/) ", log_path.read_text())
+        if found:
+            try:
+                urllib.request.urlopen(found.group(1) + "api/info", timeout=5).close()
+                return found.group(1)
+            except OSError:
+                pass
+        if proc.poll() is not None:
+            pytest.fail(f"conlip-retrieval serve exited {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"conlip-retrieval serve did not answer within {timeout:.0f} s:\n{log_path.read_text()[-4000:]}")
+
+
+def _api_search(url: str, text: str) -> list:
+    query = urllib.parse.urlencode({"text": text, "k": K})
+    with urllib.request.urlopen(f"{url}api/search?{query}", timeout=30) as response:
+        return json.load(response)["results"]
+
+
+def _wait_for_results(page, count: int, status_words: str) -> None:
+    page.wait_for_function("([n, words]) => document.querySelectorAll('#results .result').length === n"
+                           " && document.getElementById('status').textContent.includes(words)",
+                           arg=[count, status_words], timeout=30_000)
+    page.wait_for_function("() => [...document.querySelectorAll('#results .result img')]"
+                           ".every((img) => img.complete && img.naturalWidth > 0)", timeout=30_000)
+
+
+def _cards(page) -> list:
+    return page.eval_on_selector_all("#results .result", """cards => cards.map(card => ({
+        row: Number(card.dataset.row), rank: card.querySelector('.rank').textContent,
+        score: card.querySelector('.score').textContent, caption: card.querySelector('.caption').textContent,
+        width: card.querySelector('img').naturalWidth}))""")
+
+
+def test_search_page(browser, server, tiny):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    requested, crashes = [], []
+    page.on("request", lambda request: requested.append(request.url))
+    page.on("pageerror", lambda error: crashes.append(str(error)))
+    try:
+        page.goto(server)
+        page.wait_for_function("() => document.getElementById('info').textContent.includes('30 images')")
+        assert tiny.encoder.identity.describe() in page.text_content("#info")
+
+        page.fill("#k", str(K))
+        page.fill("#query", "a red square on a white background")
+        page.click("#search")
+        _wait_for_results(page, K, "red square")
+        cards = _cards(page)
+        scores = [float(card["score"]) for card in cards]
+        assert scores == sorted(scores, reverse=True)
+        assert all(re.fullmatch(r"-?\d+\.\d{3}", card["score"]) for card in cards)
+        assert [card["rank"] for card in cards] == [f"#{n}" for n in range(1, K + 1)]
+        assert all(card["width"] > 0 for card in cards)
+        expected = _api_search(server, "a red square on a white background")
+        assert [(c["row"], c["score"], c["caption"]) for c in cards] == \
+            [(r["row"], f"{r['score']:.3f}", r["caption"]) for r in expected]
+
+        artifacts = Path(os.environ.get("CONLIP_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+        artifacts.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(artifacts / "retrieval-page.png"), full_page=True)
+
+        page.fill("#query", "a blue circle")
+        page.press("#query", "Enter")
+        _wait_for_results(page, K, "blue circle")
+        assert [c["row"] for c in _cards(page)] == [r["row"] for r in _api_search(server, "a blue circle")]
+        assert page.is_hidden("#error")
+
+        page.fill("#query", "   ")
+        page.click("#search")
+        page.wait_for_selector("#error", state="visible")
+        assert "text is empty" in page.text_content("#error")
+
+        page.set_input_files("#upload", str(tiny.data["root"] / "images" / "0012.png"))
+        _wait_for_results(page, K, "0012.png")
+        cards = _cards(page)
+        assert cards[0]["row"] == 12 and float(cards[0]["score"]) == pytest.approx(1.0, abs=2e-3)
+        assert page.is_hidden("#error")
+        assert page.evaluate("document.getElementById('query-image').naturalWidth") == 64
+        page.screenshot(path=str(artifacts / "retrieval-page-upload.png"), full_page=True)
+    finally:
+        page.close()
+    assert not crashes, crashes
+    outside = [url for url in requested if not url.startswith((server, f"blob:{server}"))]
+    assert not outside, f"the page fetched from elsewhere than the server: {outside}"

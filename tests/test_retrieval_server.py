@@ -1,0 +1,262 @@
+"""The conlip-retrieval API (server.create_app) through starlette's TestClient, on a tiny in-process index."""
+import asyncio
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrieval_fixtures import build_tiny_index, tiny_checkpoint
+
+pytest.importorskip("fastapi", reason="the server needs pip install 'conlip-plugin[retrieval]'")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from conlip_plugin.retrieval.encoder import Encoder  # noqa: E402
+from conlip_plugin.retrieval.server import (  # noqa: E402
+    MULTIPART_SLACK, _identity_of, _listening_socket, create_app)
+from conlip_plugin.retrieval.sources import gallery_items  # noqa: E402
+from conlip_plugin.retrieval.store import Index, IndexWriter  # noqa: E402
+
+LIMIT = 50_000
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, one_thread):
+    return build_tiny_index(tmp_path_factory.mktemp("retrieval-server"))
+
+
+@pytest.fixture(scope="module")
+def index(tiny) -> Index:
+    return Index(tiny.path)
+
+
+@pytest.fixture(scope="module")
+def client(tiny, index) -> TestClient:
+    return TestClient(create_app(index, tiny.encoder, LIMIT))
+
+
+def _png(tiny, row: int) -> bytes:
+    return (tiny.data["root"] / "images" / f"{row:04d}.png").read_bytes()
+
+
+def _expected_scores(tiny, text: str, against: str) -> dict:
+    """Item row -> score, recomputed in float64 from the stored float16 vectors."""
+    query = tiny.encoder.texts([text])[0].numpy().astype(np.float64)
+    vectors = np.load(tiny.path / f"{against}.npy").astype(np.float64)
+    rows = np.arange(len(vectors)) if against == "images" else np.load(tiny.path / "captions.rows.npy")
+    return {int(row): float(score) for row, score in zip(rows, vectors @ query)}
+
+
+def test_info(client, tiny):
+    info = client.get("/api/info").json()
+    assert info["counts"] == {"items": 30, "captions": 30, "skipped": 0}
+    assert info["embed_dim"] == tiny.encoder.embed_dim
+    assert info["search"] == {"images": {"kind": "exact"}, "captions": {"kind": "exact"}}
+    assert info["model"] == tiny.encoder.identity.describe() and str(tiny.checkpoint) in info["model"]
+    assert info["max_upload_bytes"] == LIMIT
+
+
+@pytest.mark.parametrize("against", ["images", "captions"])
+def test_text_search_scores_match_float64(client, tiny, against):
+    text = "a red square on a white background"
+    response = client.get("/api/search", params={"text": text, "k": 7, "against": against})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["query"] == {"text": text} and body["against"] == against
+    results = body["results"]
+    assert [r["rank"] for r in results] == list(range(1, 8))
+    scores = [r["score"] for r in results]
+    assert scores == sorted(scores, reverse=True)
+    expected = _expected_scores(tiny, text, against)
+    for r in results:
+        assert {"row", "key", "path", "caption"} <= set(r)
+        assert r["path"] == str(tiny.data["root"] / "images" / f"{r['row']:04d}.png")
+        assert r["score"] == pytest.approx(expected[r["row"]], abs=1e-3)
+    best = sorted(expected.values(), reverse=True)
+    assert scores == pytest.approx(best[:7], abs=1e-3)
+
+
+@pytest.mark.parametrize("params, status, words", [
+    ({"text": "  "}, 400, "text is empty"),
+    ({}, 400, "text is empty"),
+    ({"text": "a", "k": 0}, 422, "k (query)"),
+    ({"text": "a", "k": 1001}, 422, "less than or equal to 1000"),
+    ({"text": "a", "against": "pixels"}, 422, "'images' or 'captions'"),
+])
+def test_text_search_bad_requests(client, params, status, words):
+    response = client.get("/api/search", params=params)
+    assert response.status_code == status
+    assert words in response.json()["detail"]
+
+
+def test_named_model_must_be_the_index(client, tiny, tmp_path):
+    ok = client.get("/api/search", params={"text": "a", "model": "conlip-tiny", "pretrained": str(tiny.checkpoint)})
+    assert ok.status_code == 200, ok.text
+    assert client.get("/api/search", params={"text": "a", "model": "conlip-tiny"}).status_code == 200
+    assert client.get("/api/search", params={"text": "a", "pretrained": str(tiny.checkpoint)}).status_code == 200
+    other = tiny_checkpoint(tmp_path / "other.pt", seed=1)
+    for params in ({"model": "ViT-B-32"}, {"model": "conlip-tiny", "pretrained": str(other)},
+                   {"pretrained": str(other)}):
+        response = client.get("/api/search", params={"text": "a", **params})
+        assert response.status_code == 409
+        detail = response.json()["detail"]
+        assert tiny.encoder.identity.describe() in detail
+        assert _identity_of(params.get("model", "conlip-tiny"), params.get("pretrained")).describe() in detail
+    refused = client.post("/api/search/image", files={"file": ("q.png", _png(tiny, 0), "image/png")},
+                          data={"model": "conlip-tiny", "pretrained": str(other)})
+    assert refused.status_code == 409 and str(other) in refused.json()["detail"]
+
+
+def test_image_upload_finds_itself(client, tiny):
+    response = client.post("/api/search/image", files={"file": ("query.png", _png(tiny, 7), "image/png")},
+                           data={"k": "5", "against": "images"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["query"] == {"image": "query.png", "bytes": len(_png(tiny, 7))}
+    assert len(body["results"]) == 5
+    assert body["results"][0]["row"] == 7 and body["results"][0]["score"] == pytest.approx(1.0, abs=2e-3)
+
+
+@pytest.mark.parametrize("size", [LIMIT + 1, LIMIT + MULTIPART_SLACK + 1])
+def test_upload_over_the_limit(client, size):
+    """Just over the limit is caught on the file part; far over, by Content-Length before any parsing."""
+    response = client.post("/api/search/image", files={"file": ("big.png", b"\0" * size, "image/png")})
+    assert response.status_code == 413
+    detail = response.json()["detail"]
+    assert f"{LIMIT:,} bytes" in detail and "--max-upload-mb" in detail
+    assert f"{size:,} bytes" in detail or "in all" in detail
+
+
+def test_upload_without_length_is_read_only_to_the_bound(tiny, index):
+    """A chunked upload that never ends is cut off once past the limit: the server stops reading."""
+    app = create_app(index, tiny.encoder, LIMIT)
+    chunk = 8192
+    pulled, sent = 0, []
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/api/search/image", "raw_path": b"/api/search/image", "root_path": "",
+             "query_string": b"", "server": ("test", 80), "client": ("test", 1),
+             "headers": [(b"content-type", b"multipart/form-data; boundary=xyz")]}
+    head = b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+
+    async def receive():
+        nonlocal pulled
+        if pulled > 100 * LIMIT:
+            return {"type": "http.disconnect"}
+        body = head if pulled == 0 else b"\0" * chunk
+        pulled += len(body)
+        return {"type": "http.request", "body": body, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 413
+    assert "--max-upload-mb" in json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["detail"]
+    assert pulled <= LIMIT + MULTIPART_SLACK + chunk
+
+
+def test_not_an_image(client):
+    response = client.post("/api/search/image", files={"file": ("notes.txt", b"just words", "text/plain")})
+    assert response.status_code == 415
+    detail = response.json()["detail"]
+    assert "notes.txt" in detail and "cannot identify image file" in detail
+
+
+def test_upload_needs_a_file_and_a_good_k(client, tiny):
+    missing = client.post("/api/search/image", data={"k": "3"})
+    assert missing.status_code == 400 and "'file'" in missing.json()["detail"]
+    bad_k = client.post("/api/search/image", files={"file": ("q.png", _png(tiny, 0), "image/png")}, data={"k": "0"})
+    assert bad_k.status_code == 422 and "k must be" in bad_k.json()["detail"]
+    bad_against = client.post("/api/search/image", files={"file": ("q.png", _png(tiny, 0), "image/png")},
+                              data={"against": "pixels"})
+    assert bad_against.status_code == 422 and "against must be" in bad_against.json()["detail"]
+    two_files = client.post("/api/search/image", files=[("file", ("q.png", _png(tiny, 0), "image/png")),
+                                                         ("model", ("m.txt", b"conlip-tiny", "text/plain"))])
+    assert two_files.status_code == 400 and "Maximum number of files is 1" in two_files.json()["detail"]
+
+
+def test_embedding_from_the_index_model(client, tiny, tmp_path):
+    """The client's own embedding gives the text endpoint's answer; a moved copy of the weights is the
+    same model (the sha256 matches), a wrong length is refused."""
+    text = "a blue circle on a white background"
+    vector = tiny.encoder.texts([text])[0].tolist()
+    by_text = client.get("/api/search", params={"text": text, "k": 4}).json()["results"]
+    moved = tmp_path / "moved.pt"
+    shutil.copy(tiny.checkpoint, moved)
+    for pretrained in (str(tiny.checkpoint), str(moved)):
+        response = client.post("/api/search/embedding", json={"embedding": vector, "model": "conlip-tiny",
+                                                              "pretrained": pretrained, "k": 4})
+        assert response.status_code == 200, response.text
+        results = response.json()["results"]
+        assert [r["row"] for r in results] == [r["row"] for r in by_text]
+        assert [r["score"] for r in results] == pytest.approx([r["score"] for r in by_text], abs=1e-5)
+    short = client.post("/api/search/embedding", json={"embedding": vector[:-1], "model": "conlip-tiny",
+                                                       "pretrained": str(tiny.checkpoint)})
+    assert short.status_code == 400
+    assert f"{len(vector) - 1} dimensions" in short.json()["detail"]
+    assert f"holds {len(vector)}" in short.json()["detail"]
+
+
+def test_embedding_from_another_model(client, tiny, tmp_path):
+    other = Encoder("conlip-tiny", str(tiny_checkpoint(tmp_path / "other.pt", seed=1)), "cpu")
+    assert other.identity.fingerprint != tiny.encoder.identity.fingerprint
+    vector = other.texts(["a red square"])[0].tolist()
+    response = client.post("/api/search/embedding", json={"embedding": vector, "model": "conlip-tiny",
+                                                          "pretrained": other.identity.pretrained})
+    assert response.status_code == 409
+    detail = response.json()["detail"]
+    assert tiny.encoder.identity.describe() in detail and other.identity.describe() in detail
+    no_weights = client.post("/api/search/embedding", json={"embedding": vector, "model": "conlip-tiny"})
+    assert no_weights.status_code == 409 and "conlip-tiny (random init)" in no_weights.json()["detail"]
+
+
+def test_item_image(client, tiny):
+    response = client.get("/api/items/4/image")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/png"
+    assert response.content == _png(tiny, 4)
+    assert Image.open(io.BytesIO(response.content)).size == (64, 64)
+    for row in (30, -1):
+        missing = client.get(f"/api/items/{row}/image")
+        assert missing.status_code == 404 and "items 0 to 29" in missing.json()["detail"]
+
+
+def test_shard_item_image_type_is_sniffed(tiny, tmp_path):
+    """A shard member's key has no extension: the type comes from the bytes."""
+    shard = str(tiny.data["shard"])
+    IndexWriter(tmp_path / "shard-index", tiny.encoder, shard, workers=0, progress=False).run(gallery_items(shard))
+    client = TestClient(create_app(Index(tmp_path / "shard-index"), tiny.encoder, LIMIT))
+    response = client.get("/api/items/2/image")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert response.content == _png(tiny, 2)
+
+
+def test_page_and_static_files(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    for element in ('id="query"', 'id="search"', 'id="upload"', 'id="results"', 'id="error"', 'id="info"'):
+        assert element in page.text
+    script = client.get("/static/app.js")
+    assert script.status_code == 200 and "/api/search/image" in script.text
+    style = client.get("/static/style.css")
+    assert style.status_code == 200 and "#results" in style.text
+    for text in (page.text, script.text, style.text):  # nothing from a CDN
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text
+
+
+def test_encoder_of_another_model_is_refused(index, tmp_path):
+    other = Encoder("conlip-tiny", str(tiny_checkpoint(tmp_path / "other.pt", seed=2)), "cpu")
+    with pytest.raises(ValueError, match="serve it with the index's model") as err:
+        create_app(index, other, LIMIT)
+    assert index.identity.describe() in str(err.value) and other.identity.describe() in str(err.value)
+
+
+def test_busy_port_is_named():
+    taken = _listening_socket("127.0.0.1", 0)
+    try:
+        with pytest.raises(SystemExit, match="pass another --port"):
+            _listening_socket("127.0.0.1", taken.getsockname()[1])
+    finally:
+        taken.close()
