@@ -210,6 +210,20 @@ def test_embedding_from_another_model(client, tiny, tmp_path):
     assert tiny.encoder.identity.describe() in detail and other.identity.describe() in detail
     no_weights = client.post("/api/search/embedding", json={"embedding": vector, "model": "conlip-tiny"})
     assert no_weights.status_code == 409 and "conlip-tiny (random init)" in no_weights.json()["detail"]
+    by_hash = client.post("/api/search/embedding", json={"embedding": vector, "model": "conlip-tiny",
+                                                         "fingerprint": other.identity.fingerprint})
+    assert by_hash.status_code == 409 and other.identity.fingerprint[:12] in by_hash.json()["detail"]
+
+
+def test_embedding_named_by_the_fingerprint_in_info(client, tiny):
+    """A client on another machine proves its weights by their sha256, as /api/info reports it."""
+    identity = client.get("/api/info").json()["identity"]
+    vector = tiny.encoder.texts(["a red bar"])[0].tolist()
+    response = client.post("/api/search/embedding", json={"embedding": vector, "model": identity["model"],
+                                                          "fingerprint": identity["fingerprint"], "k": 2})
+    assert response.status_code == 200, response.text
+    assert response.json()["results"][0]["score"] == pytest.approx(
+        client.get("/api/search", params={"text": "a red bar", "k": 1}).json()["results"][0]["score"], abs=1e-5)
 
 
 def test_item_image(client, tiny):

@@ -4,7 +4,7 @@
     GET  /api/info                  the index's model, counts, search kinds and dimension
     GET  /api/search?text=...&k=10&against=images|captions[&model=...&pretrained=...]
     POST /api/search/image          multipart: file (+ k, against, model, pretrained)
-    POST /api/search/embedding      JSON: {"embedding": [...], "model": ..., "pretrained": ..., "k", "against"}
+    POST /api/search/embedding      JSON: {"embedding": [...], "model": ..., "pretrained" or "fingerprint", "k", "against"}
     GET  /api/items/{row}/image     an item's image bytes
 
 Queries are embedded with the index's own model; a request that names another model, or an embedding
@@ -51,6 +51,7 @@ class EmbeddingQuery(BaseModel):
     embedding: List[float]
     model: str
     pretrained: Optional[str] = None
+    fingerprint: Optional[str] = None  # sha256 of the weights (GET /api/info), for clients on other machines
     k: int = Field(10, ge=1, le=MAX_K)
     against: Against = "images"
 
@@ -241,7 +242,9 @@ def create_app(index: Index, encoder: Encoder, max_upload_bytes: int) -> FastAPI
     @app.post("/api/search/embedding")
     def search_embedding(body: EmbeddingQuery) -> dict:
         """For clients that embed their queries themselves; the vector is scaled to unit length."""
-        refuse_other_model(identity(body.model, body.pretrained), "the embedding was made with")
+        asked = (ModelIdentity(body.model, body.pretrained, body.fingerprint) if body.fingerprint
+                 else identity(body.model, body.pretrained))
+        refuse_other_model(asked, "the embedding was made with")
         vector = np.asarray(body.embedding, dtype=np.float64)
         if vector.shape != (dim,):
             raise HTTPException(400, f"the embedding has {vector.size} dimensions; this index holds {dim} "
@@ -249,7 +252,7 @@ def create_app(index: Index, encoder: Encoder, max_upload_bytes: int) -> FastAPI
         norm = float(np.linalg.norm(vector))
         if not np.isfinite(norm) or norm == 0:
             raise HTTPException(400, "the embedding is zero or not finite; send the model's output vector.")
-        query = {"embedding": dim, "model": _identity_of(body.model, body.pretrained).describe()}
+        query = {"embedding": dim, "model": asked.describe()}
         return answer(query, (vector / norm).astype(np.float32), body.against, body.k)
 
     @app.get("/api/items/{row}/image")
