@@ -1,17 +1,21 @@
-"""The three kinds of model the retrieval tool serves, tiny and random: a ConLIP training checkpoint,
-its exported ``local-dir:`` folder, and a plain open_clip model (its own ViT and text transformer) as a
-``local-dir:`` folder."""
+"""Models and indexes for the conlip-retrieval tests, tiny and random: the three kinds of model the
+tool serves (a ConLIP training checkpoint, its exported ``local-dir:`` folder, and a plain open_clip
+model, its own ViT and text transformer, as a ``local-dir:`` folder), and a finished index of the 30
+coloured shapes of ``shapes_data`` built in-process in about a second."""
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Tuple
 
 import torch
 
+import shapes_data
 from tiny_configs import native_base
 
 
 def conlip_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A conlip-tiny checkpoint as open_clip_train writes one (``state_dict`` under ``epoch``)."""
+    """A conlip-tiny checkpoint as open_clip_train writes one (``state_dict`` under ``epoch``); another
+    seed, another model."""
     from conlip_plugin.activation import activate
 
     activate()
@@ -19,6 +23,7 @@ def conlip_checkpoint(path: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     model = open_clip.create_model("conlip-tiny")
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"epoch": 1, "state_dict": model.state_dict()}, path)
     return path
 
@@ -48,3 +53,34 @@ def all_kinds(root: Path) -> Dict[str, Tuple[str, str]]:
     plain = plain_open_clip_folder(root / "plain")
     return {"conlip checkpoint": ("conlip-tiny", str(ckpt)), "exported folder": (f"local-dir:{exported}", ""),
             "plain open_clip": (f"local-dir:{plain}", "")}
+
+
+@dataclass
+class TinyIndex:
+    """A finished index and what made it."""
+
+    path: Path
+    checkpoint: Path
+    data: dict
+    encoder: object
+
+    @property
+    def model(self) -> str:
+        return "conlip-tiny"
+
+
+def build_tiny_index(root: Path, seed: int = 0, source: str = "csv") -> TinyIndex:
+    """Write the shapes set and a checkpoint under ``root`` and index the set (``source``: "csv" for
+    the PNG files, "shard" for the webdataset shard) into ``root/index``."""
+    from conlip_plugin.retrieval.encoder import Encoder
+    from conlip_plugin.retrieval.sources import gallery_items
+    from conlip_plugin.retrieval.store import IndexWriter
+
+    data = shapes_data.write(root / "data")
+    checkpoint = conlip_checkpoint(root / "tiny.pt", seed)
+    encoder = Encoder("conlip-tiny", str(checkpoint), "cpu")
+    items = (gallery_items(str(data["csv"]), "filepath", "title", ",") if source == "csv"
+             else gallery_items(str(data["shard"])))
+    gallery = str(data["csv"] if source == "csv" else data["shard"])
+    IndexWriter(root / "index", encoder, gallery, workers=0, progress=False).run(items)
+    return TinyIndex(root / "index", checkpoint, data, encoder)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from retrieval_fixtures import build_tiny_index
+from retrieval_models import build_tiny_index
 
 pytestmark = pytest.mark.slow
 

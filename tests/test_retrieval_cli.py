@@ -93,7 +93,8 @@ def test_a_query_model_other_than_the_index_model_is_refused_with_both_names(set
     conlip_retrieval(capsys, "index", "--model", model, "--pretrained", ckpt, "--images", setup["data"]["csv"],
                      "--csv-separator", ",", "--out", out, "--workers", "0", "--no-progress")
     other = retrieval_models.conlip_checkpoint(setup["root"] / "other.pt", seed=1)
-    for argv in (["--model", model, "--pretrained", other], ["--model", setup["kinds"]["plain open_clip"][0]]):
+    for argv in (["--model", model, "--pretrained", other], ["--model", setup["kinds"]["plain open_clip"][0]],
+                 ["--model", "conlip-tiny-vanilla", "--pretrained", ckpt]):  # same file, another architecture
         with pytest.raises(SystemExit) as stop:
             conlip_retrieval(capsys, "search", "--index", out, "--text", "x", *argv)
         message = str(stop.value)

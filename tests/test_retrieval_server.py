@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval_fixtures import build_tiny_index, tiny_checkpoint
+from retrieval_models import build_tiny_index, conlip_checkpoint
 
 pytest.importorskip("fastapi", reason="the server needs pip install 'conlip-plugin[retrieval]'")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -96,7 +96,7 @@ def test_named_model_must_be_the_index(client, tiny, tmp_path):
     assert ok.status_code == 200, ok.text
     assert client.get("/api/search", params={"text": "a", "model": "conlip-tiny"}).status_code == 200
     assert client.get("/api/search", params={"text": "a", "pretrained": str(tiny.checkpoint)}).status_code == 200
-    other = tiny_checkpoint(tmp_path / "other.pt", seed=1)
+    other = conlip_checkpoint(tmp_path / "other.pt", seed=1)
     for params in ({"model": "ViT-B-32"}, {"model": "conlip-tiny", "pretrained": str(other)},
                    {"pretrained": str(other)}):
         response = client.get("/api/search", params={"text": "a", **params})
@@ -200,7 +200,7 @@ def test_embedding_from_the_index_model(client, tiny, tmp_path):
 
 
 def test_embedding_from_another_model(client, tiny, tmp_path):
-    other = Encoder("conlip-tiny", str(tiny_checkpoint(tmp_path / "other.pt", seed=1)), "cpu")
+    other = Encoder("conlip-tiny", str(conlip_checkpoint(tmp_path / "other.pt", seed=1)), "cpu")
     assert other.identity.fingerprint != tiny.encoder.identity.fingerprint
     vector = other.texts(["a red square"])[0].tolist()
     response = client.post("/api/search/embedding", json={"embedding": vector, "model": "conlip-tiny",
@@ -261,7 +261,7 @@ def test_page_and_static_files(client):
 
 
 def test_encoder_of_another_model_is_refused(index, tmp_path):
-    other = Encoder("conlip-tiny", str(tiny_checkpoint(tmp_path / "other.pt", seed=2)), "cpu")
+    other = Encoder("conlip-tiny", str(conlip_checkpoint(tmp_path / "other.pt", seed=2)), "cpu")
     with pytest.raises(ValueError, match="serve it with the index's model") as err:
         create_app(index, other, LIMIT)
     assert index.identity.describe() in str(err.value) and other.identity.describe() in str(err.value)

@@ -97,7 +97,7 @@ def query_encoder(index: Index, model: Optional[str], pretrained: Optional[str],
                  f"pass --model and --pretrained naming the same weights where they are now.")
         model, pretrained = recorded.model, recorded.pretrained
     asked = ModelIdentity.of(model, pretrained)
-    if not (asked.same_weights(recorded) and (asked.fingerprint or asked.model == recorded.model)):
+    if not asked.same_model(recorded):
         fail(f"the index {index.path} was built with {recorded.describe()}; queries would be embedded with "
              f"{asked.describe()}, other weights whose embeddings do not share the index's space. Search "
              f"with the index's model, or build an index with this one.")

@@ -59,10 +59,15 @@ class ModelIdentity:
         short = f", sha256 {self.fingerprint[:12]}" if self.fingerprint else ""
         return f"{self.model} ({weights}{short})"
 
-    def same_weights(self, other: "ModelIdentity") -> bool:
+    def same_model(self, other: "ModelIdentity") -> bool:
+        """The same architecture with the same weights: the same config name (for exported folders, whose
+        files include the config, the same files) and the same weight files wherever they now are."""
+        both_folders = self.model.startswith("local-dir:") and other.model.startswith("local-dir:")
+        if not both_folders and self.model != other.model:
+            return False
         if self.fingerprint or other.fingerprint:
             return self.fingerprint == other.fingerprint
-        return (self.model, self.pretrained) == (other.model, other.pretrained)
+        return self.pretrained == other.pretrained
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -137,7 +137,7 @@ def _identity_of(model: str, pretrained: Optional[str]) -> ModelIdentity:
 
 def create_app(index: Index, encoder: Encoder, max_upload_bytes: int) -> FastAPI:
     """The API and the page over ``index``; ``encoder`` must hold the index's weights."""
-    if not encoder.identity.same_weights(index.identity):
+    if not encoder.identity.same_model(index.identity):
         raise ValueError(f"the index {index.path} was built with {index.identity.describe()}, but the encoder "
                          f"holds {encoder.identity.describe()}; serve it with the index's model.")
     app = FastAPI(title="conlip-retrieval", description=f"search {index.path} ({index.identity.describe()})")
@@ -150,7 +150,7 @@ def create_app(index: Index, encoder: Encoder, max_upload_bytes: int) -> FastAPI
 
     def refuse_other_model(asked: ModelIdentity, what: str) -> None:
         recorded = index.identity
-        if not (asked.same_weights(recorded) and (asked.fingerprint or asked.model == recorded.model)):
+        if not asked.same_model(recorded):
             raise HTTPException(409, f"this index was built with {recorded.describe()}; {what} "
                                      f"{asked.describe()}, and embeddings of different models are not "
                                      f"comparable. Use the index's model, or search an index built with that one.")
