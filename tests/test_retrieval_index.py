@@ -117,6 +117,30 @@ def test_shard_items_point_at_the_image_bytes(tmp_path):
     assert Item.from_record(items[5].record()) == items[5]
 
 
+def test_missing_and_cut_shards_and_imageless_samples_are_skipped_with_reasons(gallery, tmp_path):
+    data = shapes_data.write(tmp_path)
+    whole = data["shard"].read_bytes()
+    with tarfile.open(data["shard"]) as tar:
+        png_20, txt_10 = tar.getmember("000020.png"), tar.getmember("000010.txt")
+    (tmp_path / "inside.tar").write_bytes(whole[:png_20.offset_data + 40])  # inside sample 20's image
+    (tmp_path / "between.tar").write_bytes(whole[:txt_10.offset_data + 512])  # after sample 10, whole
+    with tarfile.open(tmp_path / "textonly.tar", "w") as tar:
+        info = tarfile.TarInfo("lonely.txt")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"words"))
+    pattern = str(tmp_path / "{shard-000000,inside,between,missing,textonly}.tar")
+    manifest = IndexWriter(tmp_path / "idx", gallery["encoder"], pattern, progress=False).run(gallery_items(pattern))
+    lines = (tmp_path / "idx" / "skipped.jsonl").read_text().splitlines()
+    skipped = {entry["key"]: entry["reason"] for entry in map(json.loads, lines)}
+    assert set(skipped) == {"inside.tar (from the break on)", "between.tar (from the break on)", "missing.tar",
+                            "textonly.tar/lonely"}
+    assert "cut short or damaged (unexpected end of data)" in skipped["inside.tar (from the break on)"]
+    assert "cut short" in skipped["between.tar (from the break on)"]
+    assert skipped["missing.tar"] == "shard not found"
+    assert skipped["textonly.tar/lonely"] == "the sample has no image member (it has: txt)"
+    assert manifest["counts"] == {"items": 30 + 20 + 11, "captions": 30 + 20 + 11, "skipped": 4}
+
+
 def test_csv_without_the_image_column_names_the_flag(tmp_path):
     (tmp_path / "x.csv").write_text("file,title\na.png,x\n")
     with pytest.raises(SystemExit, match="--csv-img-key"):

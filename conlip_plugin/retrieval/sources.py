@@ -19,7 +19,9 @@ FOLDER_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif
 
 @dataclass(frozen=True)
 class Item:
-    """One gallery entry: a file (``path``), or a byte range of a shard (``shard``, ``offset``, ``size``)."""
+    """One gallery entry: a file (``path``), or a byte range of a shard (``shard``, ``offset``, ``size``).
+    ``problem`` marks an entry known to be unusable before any decoding (a sample without an image, a
+    shard that is missing or cut short), so that it is skipped and counted with the others."""
 
     key: str
     caption: Optional[str] = None
@@ -27,8 +29,11 @@ class Item:
     shard: Optional[str] = None
     offset: int = 0
     size: int = 0
+    problem: Optional[str] = None
 
     def read_bytes(self) -> bytes:
+        if self.problem is not None:
+            raise OSError(self.problem)
         if self.path is not None:
             return Path(self.path).read_bytes()
         with open(self.shard, "rb") as f:
@@ -82,12 +87,13 @@ def csv_items(csv_path: Path, img_key: str, caption_key: Optional[str], separato
 
 def shard_items(pattern: str) -> Iterator[Item]:
     """Samples of webdataset shards (a braceexpand pattern), grouped as open_clip_train groups them:
-    the first image member is the image, ``txt`` the caption."""
+    the first image member is the image, ``txt`` the caption. A missing shard, or the rest of one cut
+    short, becomes one item with its ``problem``: img2dataset output often has such gaps."""
     for shard in braceexpand.braceexpand(pattern):
         path = Path(shard)
         if not path.is_file():
-            fail(f"shard {shard} not found; check the pattern {pattern!r} (braceexpand syntax, e.g. "
-                 f"'data/{{000000..000009}}.tar').")
+            yield Item(key=path.name, shard=str(path), problem="shard not found")
+            continue
         try:
             with tarfile.open(path, "r:") as tar:
                 for key, members in tar_samples(tar):
@@ -95,12 +101,19 @@ def shard_items(pattern: str) -> Iterator[Item]:
                     text = members.get("txt")
                     caption = _caption(tar.extractfile(text).read().decode("utf-8", "replace")) if text else None
                     if image is None:
-                        yield Item(key=f"{path.name}/{key}", caption=caption, shard=str(path.resolve()))
+                        yield Item(key=f"{path.name}/{key}", caption=caption, shard=str(path.resolve()),
+                                   problem=f"the sample has no image member (it has: {', '.join(sorted(members))})")
                         continue
                     yield Item(key=f"{path.name}/{key}", caption=caption, shard=str(path.resolve()),
                                offset=image.offset_data, size=image.size)
+                if path.stat().st_size < tar.offset + 2 * tarfile.BLOCKSIZE:  # tar's end marker is missing
+                    yield Item(key=f"{path.name} (from the break on)", shard=str(path.resolve()),
+                               problem="shard cut short (it ends without tar's end-of-archive blocks); the "
+                                       "samples before the break are indexed, the last of them perhaps without "
+                                       "all its members")
         except (tarfile.TarError, OSError, EOFError) as err:
-            fail(f"{shard}: cannot read this shard ({err}); re-download it, or leave it out of the pattern.")
+            yield Item(key=f"{path.name} (from the break on)", shard=str(path.resolve()),
+                       problem=f"shard cut short or damaged ({err}); the samples before the break are indexed")
 
 
 def gallery_items(source: str, csv_img_key: str = "filepath", csv_caption_key: Optional[str] = "title",

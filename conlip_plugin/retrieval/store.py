@@ -57,8 +57,6 @@ class _Decoded(Dataset):
     def __getitem__(self, i: int):
         item = self.items[i]
         try:
-            if item.shard is not None and item.size == 0:
-                raise UnreadableImage("the sample has no image member")
             return i, decode_image(item.read_bytes(), self.preprocess), None
         except (UnreadableImage, OSError) as err:
             return i, None, str(err)
