@@ -101,6 +101,15 @@ def test_a_query_model_other_than_the_index_model_is_refused_with_both_names(set
         assert f"conlip-tiny ({ckpt}" in message and str(argv[1]).split(":")[-1] in message
 
 
+@pytest.mark.parametrize("flag, value, says", [("--target-recall", "1.5", "at most 1"), ("--chunk-size", "0", "at least 1"),
+                                               ("--workers", "-1", "0 or more")])
+def test_bad_flag_values_stop_at_parsing_naming_the_flag(capsys, flag, value, says):
+    with pytest.raises(SystemExit):
+        cli.main(["index", "--model", "m", "--images", "x", "--out", "y", flag, value])
+    error = capsys.readouterr().err
+    assert f"argument {flag}: must be" in error and says in error
+
+
 def test_an_index_of_nothing_readable_names_every_failure(setup, capsys, tmp_path):
     (tmp_path / "bad.png").write_bytes(b"no")
     with pytest.raises(SystemExit, match="no image of .* could be read .*bad.png"):

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..arguments import positive_int
 from ..data.karpathy import EVAL_DATASETS, read_flickr_annotation
 from .ranks import (DIRECTIONS, RECALL_K, bootstrap_interval, hits, query_images, rank_check, recall,
                     retrieval_ranks)
@@ -254,14 +255,6 @@ def retrieval_index(model_name: str, ckpt: Path, root: Path, out: Path) -> Path:
     retrieval(["index", "--model", model_name, "--pretrained", str(ckpt), "--images", str(table), "--out", str(index),
                "--no-progress"])
     return index
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a count that must be at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def main(argv: Optional[List[str]] = None) -> None:

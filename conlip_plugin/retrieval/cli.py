@@ -16,25 +16,12 @@ from typing import List, Optional
 
 import numpy as np
 
+from ..arguments import fraction, non_negative_int, positive_float, positive_int
 from ..data.files import fail
 from .encoder import Encoder, ModelIdentity, UnreadableImage, loader_workers
 from .nearest import EXACT_BELOW, TARGET_RECALL
 from .sources import gallery_items
 from .store import MODALITIES, Index, IndexWriter
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,12 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--csv-caption-key", default="title")
     index.add_argument("--csv-separator", default="\t", help="as open_clip_train: a tab unless given")
     index.add_argument("--batch-size", type=positive_int, default=64)
-    index.add_argument("--workers", type=int, default=None, help="image decoding processes (default: cores - 1)")
+    index.add_argument("--workers", type=non_negative_int, default=None,
+                       help="image decoding processes (default: cores - 1)")
     index.add_argument("--chunk-size", type=positive_int, default=4096,
                        help="items per saved chunk: a stopped run loses at most one chunk")
-    index.add_argument("--exact-below", type=int, default=EXACT_BELOW,
+    index.add_argument("--exact-below", type=non_negative_int, default=EXACT_BELOW,
                        help="galleries smaller than this are searched exactly; larger ones get a faiss index")
-    index.add_argument("--target-recall", type=float, default=TARGET_RECALL,
+    index.add_argument("--target-recall", type=fraction, default=TARGET_RECALL,
                        help="recall@10 against exact search the faiss index is tuned to reach")
     index.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
     index.add_argument("--no-progress", action="store_true")
