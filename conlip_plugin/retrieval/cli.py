@@ -20,7 +20,7 @@ from ..arguments import fraction, non_negative_int, positive_float, positive_int
 from ..data.files import fail
 from .encoder import Encoder, ModelIdentity, UnreadableImage, loader_workers
 from .nearest import EXACT_BELOW, TARGET_RECALL
-from .sources import gallery_items
+from .sources import gallery_items, is_shard_pattern
 from .store import MODALITIES, Index, IndexWriter
 
 
@@ -104,7 +104,7 @@ def show(results: List[dict], as_json: bool) -> None:
 def run_index(args: argparse.Namespace) -> None:
     encoder = Encoder(args.model, args.pretrained, args.device)
     items = gallery_items(args.images, args.csv_img_key, args.csv_caption_key, args.csv_separator)
-    items = list(items) if not (args.images.endswith(".tar") or "{" in args.images) else items
+    items = items if is_shard_pattern(args.images) else list(items)
     writer = IndexWriter(args.out, encoder, args.images, chunk_size=args.chunk_size, batch_size=args.batch_size,
                          workers=loader_workers(args.workers), exact_below=args.exact_below,
                          target_recall=args.target_recall, progress=not args.no_progress)

@@ -116,13 +116,18 @@ def shard_items(pattern: str) -> Iterator[Item]:
                        problem=f"shard cut short or damaged ({err}); the samples before the break are indexed")
 
 
+def is_shard_pattern(source: str) -> bool:
+    """Shards are streamed (their count is unknown up front); folders and CSVs are listed first."""
+    return source.endswith(".tar") or "{" in source
+
+
 def gallery_items(source: str, csv_img_key: str = "filepath", csv_caption_key: Optional[str] = "title",
                   csv_separator: str = "\t") -> Iterator[Item]:
     """The items of ``source``: a folder, a ``.csv``/``.tsv`` file, or a ``.tar`` shard pattern."""
     path = Path(source)
     if path.is_dir():
         return folder_items(path)
-    if source.endswith(".tar") or "{" in source:
+    if is_shard_pattern(source):
         return shard_items(source)
     if path.suffix.lower() in (".csv", ".tsv"):
         if not path.is_file():

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.files import fail, listing, write_atomic
 from .encoder import Encoder, ModelIdentity, UnreadableImage, decode_image
-from .nearest import EXACT_BELOW, TARGET_RECALL, ApproximateIndex, build_approximate
+from .nearest import EXACT_BELOW, TARGET_RECALL, ApproximateIndex, build_approximate, exact_search
 from .sources import Item
 
 FORMAT = 1
@@ -178,15 +178,20 @@ class IndexWriter:
         return self._finish(number)
 
     def _finish(self, chunks: int) -> dict:
-        parts = [np.load(self.parts / f"{n:06d}.npz") for n in range(chunks)]
-        records = [r for p in parts for r in json.loads(p["records"].tobytes())]
-        skipped = [s for p in parts for s in json.loads(p["skipped"].tobytes())]
-        offsets = np.cumsum([0] + [len(p["images"]) for p in parts])[:-1]
+        loaded = []
+        for n in range(chunks):
+            with np.load(self.parts / f"{n:06d}.npz") as part:
+                loaded.append({name: part[name] for name in part.files})
+        records = [r for p in loaded for r in json.loads(p["records"].tobytes())]
+        skipped = [s for p in loaded for s in json.loads(p["skipped"].tobytes())]
         dim = self.encoder.embed_dim
-        images = np.concatenate([p["images"] for p in parts]) if parts else np.zeros((0, dim), np.float16)
-        captions = np.concatenate([p["captions"] for p in parts]) if parts else np.zeros((0, dim), np.float16)
-        caption_rows = (np.concatenate([p["caption_rows"] + o for p, o in zip(parts, offsets)])
-                        if parts else np.zeros(0, np.int64))
+        offset, caption_rows = 0, []
+        for p in loaded:  # a chunk's caption rows count from its own first image
+            caption_rows.append(p["caption_rows"] + offset)
+            offset += len(p["images"])
+        images = np.concatenate([p["images"] for p in loaded]) if loaded else np.zeros((0, dim), np.float16)
+        captions = np.concatenate([p["captions"] for p in loaded]) if loaded else np.zeros((0, dim), np.float16)
+        caption_rows = np.concatenate(caption_rows) if loaded else np.zeros(0, np.int64)
         if not records:
             fail(f"no image of {self.settings.source!r} could be read ({len(skipped)} skipped: "
                  f"{listing([s['key'] + ' (' + s['reason'] + ')' for s in skipped])}); nothing to index.")
@@ -262,8 +267,6 @@ class Index:
 
     def search(self, query: np.ndarray, against: str, k: int) -> List[dict]:
         """The k best items for one unit query vector, against the images or the captions."""
-        from .nearest import exact_search
-
         if against not in MODALITIES:
             raise ValueError(f"against must be one of {MODALITIES}, not {against!r}")
         if query.shape[-1] != self.manifest["embed_dim"]:
