@@ -141,6 +141,14 @@ def test_missing_and_cut_shards_and_imageless_samples_are_skipped_with_reasons(g
     assert manifest["counts"] == {"items": 30 + 20 + 11, "captions": 30 + 20 + 11, "skipped": 4}
 
 
+def test_a_gallery_that_is_not_there_or_of_no_known_kind_is_named(tmp_path):
+    with pytest.raises(SystemExit, match="--images .*photos not found"):
+        gallery_items(str(tmp_path / "photos"))
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(SystemExit, match="neither a folder, a .csv/.tsv file nor a .tar shard pattern"):
+        gallery_items(str(tmp_path / "list.json"))
+
+
 def test_csv_without_the_image_column_names_the_flag(tmp_path):
     (tmp_path / "x.csv").write_text("file,title\na.png,x\n")
     with pytest.raises(SystemExit, match="--csv-img-key"):

@@ -129,9 +129,9 @@ def gallery_items(source: str, csv_img_key: str = "filepath", csv_caption_key: O
         return folder_items(path)
     if is_shard_pattern(source):
         return shard_items(source)
+    if not path.exists():
+        fail(f"--images {source} not found; pass an existing folder, CSV/TSV file or .tar shard pattern.")
     if path.suffix.lower() in (".csv", ".tsv"):
-        if not path.is_file():
-            fail(f"CSV {source} not found.")
         return csv_items(path, csv_img_key, csv_caption_key, csv_separator)
     fail(f"--images {source!r} is neither a folder, a .csv/.tsv file nor a .tar shard pattern; "
          f"pass one of those.")
