@@ -105,9 +105,10 @@ class Encoder:
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=self.identity.pretrained, device=self.device)
         except (RuntimeError, FileNotFoundError, ValueError) as err:
-            raise SystemExit(f"error: cannot load model {self.identity.describe()}: {err}. Check --model "
-                             f"(a registered name, BASE+conlip, or local-dir:FOLDER) and --pretrained "
-                             f"(the checkpoint it was trained as).") from err
+            raise SystemExit(f"error: cannot load model {self.identity.describe()}: {str(err).rstrip('.')}. Check "
+                             f"--model (a registered name, BASE+conlip, or local-dir:FOLDER) and --pretrained (the "
+                             f"checkpoint file it was trained as; a pretrained tag needs its download, so offline "
+                             f"pass the downloaded file's path).") from err
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(name)
         self.preprocess_cfg = dict(getattr(self.model.visual, "preprocess_cfg", {}) or {})
