@@ -66,12 +66,13 @@ def test_two_nodes_train_save_and_resume_with_identical_state(caption_data, tmp_
 
 @pytest.fixture
 def stub_slurm(tmp_path) -> dict:
-    """``srun`` prints its environment's rendezvous and its command; ``scontrol`` names two hosts."""
+    """``srun`` prints its environment's rendezvous and its command; ``scontrol`` names 20,000 hosts,
+    more than a pipe holds, so a recipe that stops reading after the first one fails every time."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text('#!/usr/bin/env bash\necho "MASTER=$MASTER_ADDR:$MASTER_PORT"\n'
                                   'printf "%s\\n" "$@"\n')
-    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\n[ "$1 $2" = "show hostnames" ] && printf "gpu-a\\ngpu-b\\n"\n')
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\n[ "$1 $2" = "show hostnames" ] && printf "gpu-%s\\n" a b {1..20000}\n')
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
     return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu-[a-b]",
