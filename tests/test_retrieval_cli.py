@@ -1,5 +1,5 @@
-"""The conlip-retrieval command on each kind of model: a ConLIP checkpoint, its exported folder, and a
-plain open_clip model; a query model other than the index's is refused; kill -9 mid-run resumes."""
+"""The conlip-retrieval command on each kind of model: a ConLIP checkpoint, its exported folder, a
+``BASE+conlip`` checkpoint and a plain open_clip model; a query model other than the index's is refused; kill -9 mid-run resumes."""
 import json
 import os
 import signal
@@ -32,7 +32,10 @@ def model_args(model: str, pretrained: str) -> list:
     return ["--model", model] + (["--pretrained", pretrained] if pretrained else [])
 
 
-@pytest.mark.parametrize("kind", ["conlip checkpoint", "exported folder", "plain open_clip"])
+KINDS = ["conlip checkpoint", "exported folder", "BASE+conlip checkpoint", "plain open_clip"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_index_and_search_each_kind_of_model(setup, capsys, kind):
     model, pretrained = setup["kinds"][kind]
     out = setup["root"] / kind.replace(" ", "-")
@@ -56,7 +59,7 @@ def test_index_and_search_each_kind_of_model(setup, capsys, kind):
     assert text.splitlines()[0].split()[:2] == ["1", f"{results[0]['score']:.4f}"]
 
 
-@pytest.mark.parametrize("kind", ["conlip checkpoint", "exported folder", "plain open_clip"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_serve_answers_for_each_kind_of_model(setup, kind):
     """The app ``serve`` runs, over the index the test above built, with the encoder the CLI picks."""
     from fastapi.testclient import TestClient
