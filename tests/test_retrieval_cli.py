@@ -82,10 +82,10 @@ def test_serve_answers_for_each_kind_of_model(setup, kind):
 
 
 def test_the_export_embeds_as_the_checkpoint_it_came_from(setup):
-    stored = {kind: np.load(setup["root"] / kind.replace(" ", "-") / "images.npy")
-              for kind in ("conlip checkpoint", "exported folder")}
-    if any(not (setup["root"] / kind.replace(" ", "-")).exists() for kind in stored):
+    kinds = ("conlip checkpoint", "exported folder")
+    if any(not (setup["root"] / kind.replace(" ", "-")).exists() for kind in kinds):
         pytest.skip("needs the index test of both kinds first")
+    stored = {kind: np.load(setup["root"] / kind.replace(" ", "-") / "images.npy") for kind in kinds}
     np.testing.assert_allclose(stored["conlip checkpoint"].astype(np.float32),
                                stored["exported folder"].astype(np.float32), atol=2e-3)
 
@@ -111,6 +111,13 @@ def test_bad_flag_values_stop_at_parsing_naming_the_flag(capsys, flag, value, sa
         cli.main(["index", "--model", "m", "--images", "x", "--out", "y", flag, value])
     error = capsys.readouterr().err
     assert f"argument {flag}: must be" in error and says in error
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_serve_port_outside_the_tcp_range_stops_at_parsing(capsys, port):
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--index", "x", "--port", port])
+    assert "argument --port: must be from 0 to 65535" in capsys.readouterr().err
 
 
 def test_an_index_of_nothing_readable_names_every_failure(setup, capsys, tmp_path):

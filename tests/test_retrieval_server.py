@@ -1,8 +1,10 @@
 """The conlip-retrieval API (server.create_app) through starlette's TestClient, on a tiny in-process index."""
 import asyncio
+import hashlib
 import io
 import json
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -13,9 +15,10 @@ from retrieval_models import build_tiny_index, conlip_checkpoint
 pytest.importorskip("fastapi", reason="the server needs pip install 'conlip-plugin[retrieval]'")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from conlip_plugin.retrieval.encoder import Encoder  # noqa: E402
+from conlip_plugin.retrieval import encoder as encoder_module  # noqa: E402
+from conlip_plugin.retrieval.encoder import Encoder, ImageTooLarge, ModelIdentity, UnreadableImage  # noqa: E402
 from conlip_plugin.retrieval.server import (  # noqa: E402
-    MULTIPART_SLACK, _identity_of, _listening_socket, create_app)
+    EMBEDDING_BYTES_PER_DIM, EMBEDDING_SLACK, MULTIPART_SLACK, _listening_socket, create_app)
 from conlip_plugin.retrieval.sources import gallery_items  # noqa: E402
 from conlip_plugin.retrieval.store import Index, IndexWriter  # noqa: E402
 
@@ -92,21 +95,50 @@ def test_text_search_bad_requests(client, params, status, words):
 
 
 def test_named_model_must_be_the_index(client, tiny, tmp_path):
-    ok = client.get("/api/search", params={"text": "a", "model": "conlip-tiny", "pretrained": str(tiny.checkpoint)})
-    assert ok.status_code == 200, ok.text
-    assert client.get("/api/search", params={"text": "a", "model": "conlip-tiny"}).status_code == 200
-    assert client.get("/api/search", params={"text": "a", "pretrained": str(tiny.checkpoint)}).status_code == 200
+    recorded = tiny.encoder.identity
+    for params in ({"model": "conlip-tiny", "pretrained": str(tiny.checkpoint)}, {"model": "conlip-tiny"},
+                   {"pretrained": str(tiny.checkpoint)}, {"fingerprint": recorded.fingerprint},
+                   {"model": "conlip-tiny", "fingerprint": recorded.fingerprint.upper()}):
+        ok = client.get("/api/search", params={"text": "a", **params})
+        assert ok.status_code == 200, (params, ok.text)
     other = conlip_checkpoint(tmp_path / "other.pt", seed=1)
     for params in ({"model": "ViT-B-32"}, {"model": "conlip-tiny", "pretrained": str(other)},
-                   {"pretrained": str(other)}):
+                   {"pretrained": str(other)}, {"fingerprint": "0" * 64},
+                   {"model": "ViT-B-32", "fingerprint": recorded.fingerprint}):
         response = client.get("/api/search", params={"text": "a", **params})
         assert response.status_code == 409
         detail = response.json()["detail"]
-        assert tiny.encoder.identity.describe() in detail
-        assert _identity_of(params.get("model", "conlip-tiny"), params.get("pretrained")).describe() in detail
+        assert recorded.describe() in detail and "GET /api/info" in detail
+        asked = ModelIdentity(params.get("model", "conlip-tiny"), params.get("pretrained"), params.get("fingerprint"))
+        assert asked.describe() in detail
     refused = client.post("/api/search/image", files={"file": ("q.png", _png(tiny, 0), "image/png")},
                           data={"model": "conlip-tiny", "pretrained": str(other)})
     assert refused.status_code == 409 and str(other) in refused.json()["detail"]
+
+
+def test_the_server_opens_no_file_a_request_names(client, tiny, tmp_path, monkeypatch):
+    """A path sent over HTTP is compared as a string: neither hashed nor checked for existence, so a
+    client learns nothing about the server's files."""
+    secret = tmp_path / "secret.pt"
+    secret.write_bytes(b"not for clients")
+    digest = hashlib.sha256(secret.read_bytes()).hexdigest()
+
+    def no_file_access(*args, **kwargs):
+        raise AssertionError("the server read a file a request named")
+
+    monkeypatch.setattr(encoder_module, "_sha256", no_file_access)
+    monkeypatch.setattr(ModelIdentity, "of", no_file_access)
+    vector = tiny.encoder.texts(["a"])[0].tolist()
+    for model in ("conlip-tiny", f"local-dir:{tmp_path}"):
+        answers = [
+            client.get("/api/search", params={"text": "a", "model": model, "pretrained": str(secret)}),
+            client.post("/api/search/image", files={"file": ("q.png", _png(tiny, 0), "image/png")},
+                        data={"model": model, "pretrained": str(secret)}),
+            client.post("/api/search/embedding", json={"embedding": vector, "model": model,
+                                                       "pretrained": str(secret)})]
+        for response in answers:
+            assert response.status_code == 409, response.text
+            assert digest[:12] not in response.text and str(secret) in response.json()["detail"]
 
 
 def test_image_upload_finds_itself(client, tiny):
@@ -129,22 +161,20 @@ def test_upload_over_the_limit(client, size):
     assert f"{size:,} bytes" in detail or "in all" in detail
 
 
-def test_upload_without_length_is_read_only_to_the_bound(tiny, index):
-    """A chunked upload that never ends is cut off once past the limit: the server stops reading."""
-    app = create_app(index, tiny.encoder, LIMIT)
-    chunk = 8192
+def _endless_post(app, path: str, content_type: bytes, head: bytes, most: int) -> tuple:
+    """POST a body with no Content-Length that never ends (chunks of 8 KiB after ``head``) straight to
+    the ASGI app; returns the status, the JSON detail and how many bytes the server pulled."""
     pulled, sent = 0, []
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": "/api/search/image", "raw_path": b"/api/search/image", "root_path": "",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
              "query_string": b"", "server": ("test", 80), "client": ("test", 1),
-             "headers": [(b"content-type", b"multipart/form-data; boundary=xyz")]}
-    head = b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+             "headers": [(b"content-type", content_type)]}
 
     async def receive():
         nonlocal pulled
-        if pulled > 100 * LIMIT:
+        if pulled > 100 * most:
             return {"type": "http.disconnect"}
-        body = head if pulled == 0 else b"\0" * chunk
+        body = head if pulled == 0 else b"\0" * 8192
         pulled += len(body)
         return {"type": "http.request", "body": body, "more_body": True}
 
@@ -152,9 +182,90 @@ def test_upload_without_length_is_read_only_to_the_bound(tiny, index):
         sent.append(message)
 
     asyncio.run(app(scope, receive, send))
-    assert sent[0]["status"] == 413
-    assert "--max-upload-mb" in json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["detail"]
-    assert pulled <= LIMIT + MULTIPART_SLACK + chunk
+    return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["detail"], pulled
+
+
+def test_upload_without_length_is_read_only_to_the_bound(tiny, index):
+    """A chunked upload that never ends is cut off once past the limit: the server stops reading."""
+    head = b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+    status, detail, pulled = _endless_post(create_app(index, tiny.encoder, LIMIT), "/api/search/image",
+                                           b"multipart/form-data; boundary=xyz", head, LIMIT)
+    assert status == 413 and "--max-upload-mb" in detail
+    assert pulled <= LIMIT + MULTIPART_SLACK + 8192
+
+
+def test_embedding_body_is_read_only_to_what_one_vector_needs(client, tiny, index):
+    bound = EMBEDDING_BYTES_PER_DIM * tiny.encoder.embed_dim + EMBEDDING_SLACK
+    status, detail, pulled = _endless_post(create_app(index, tiny.encoder, LIMIT), "/api/search/embedding",
+                                           b"application/json", b'{"embedding": [', bound)
+    assert status == 413 and f"embedding of {tiny.encoder.embed_dim} numbers" in detail
+    assert pulled <= bound + 8192
+    declared = client.post("/api/search/embedding", content=b" " * (bound + 1),
+                           headers={"content-type": "application/json"})
+    assert declared.status_code == 413
+    broken = client.post("/api/search/embedding", content=b'{"embedding": [1, 2', headers={"content-type":
+                                                                                             "application/json"})
+    assert broken.status_code == 422 and broken.json()["detail"].startswith("invalid request: body")
+    missing = client.post("/api/search/embedding", json={"embedding": [1.0]})
+    assert missing.status_code == 422 and "model (body): Field required" in missing.json()["detail"]
+
+
+def _huge_png(side: int) -> bytes:
+    """A one-colour PNG of side x side pixels: a few kB on disk, side² x 3 bytes decoded."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 30, 30)).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def test_an_image_over_the_pixel_limit_is_refused_before_decoding(tiny, index):
+    data = _huge_png(2000)
+    assert len(data) < LIMIT
+    client = TestClient(create_app(index, tiny.encoder, LIMIT, max_query_pixels=1_000_000))
+    response = client.post("/api/search/image", files={"file": ("bomb.png", data, "image/png")})
+    assert response.status_code == 413
+    detail = response.json()["detail"]
+    assert "bomb.png is 2000x2000 pixels (4.0 megapixels)" in detail and "--max-image-megapixels" in detail
+    assert client.post("/api/search/image", files={"file": ("q.png", _png(tiny, 3), "image/png")}).status_code == 200
+    # Only the header is read: with its pixel data cut off, the image is refused for its size, not
+    # reported as corrupt (which decoding it would find).
+    header_only = data[:200]
+    with pytest.raises(ImageTooLarge):
+        encoder_module.decode_image(header_only, tiny.encoder.preprocess, max_pixels=1_000_000)
+    with pytest.raises(UnreadableImage):
+        encoder_module.decode_image(header_only, tiny.encoder.preprocess)
+
+
+def test_a_slow_search_does_not_hold_up_other_requests(tiny, monkeypatch):
+    """Each search runs off the event loop: while one image search is stuck in the index, /api/info
+    still answers. On the loop, the stuck search would time out its wait before /api/info could run."""
+    import httpx
+
+    index = Index(tiny.path)
+    search, entered, release, waits = index.search, threading.Event(), threading.Event(), []
+
+    def stuck_search(*args):
+        entered.set()
+        waits.append(release.wait(timeout=10))
+        return search(*args)
+
+    monkeypatch.setattr(index, "search", stuck_search)
+    app = create_app(index, tiny.encoder, LIMIT)
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            image = asyncio.create_task(client.post("/api/search/image",
+                                                    files={"file": ("q.png", _png(tiny, 5), "image/png")}))
+            while not entered.is_set():
+                await asyncio.sleep(0.05)
+            info = await client.get("/api/info")
+            answered_while_stuck = not release.is_set()
+            release.set()
+            return info.status_code, answered_while_stuck, await image
+
+    info_status, answered_while_stuck, image = asyncio.run(scenario())
+    assert info_status == 200 and answered_while_stuck
+    assert image.status_code == 200 and waits == [True]
+    assert image.json()["results"][0]["row"] == 5
 
 
 def test_not_an_image(client):
@@ -178,16 +289,21 @@ def test_upload_needs_a_file_and_a_good_k(client, tiny):
 
 
 def test_embedding_from_the_index_model(client, tiny, tmp_path):
-    """The client's own embedding gives the text endpoint's answer; a moved copy of the weights is the
-    same model (the sha256 matches), a wrong length is refused."""
+    """The client's own embedding gives the text endpoint's answer, with the weights named by the
+    index's path or by their sha256; a copy elsewhere must be named by its sha256 (the server hashes
+    no path a request sends); a wrong length is refused."""
     text = "a blue circle on a white background"
     vector = tiny.encoder.texts([text])[0].tolist()
     by_text = client.get("/api/search", params={"text": text, "k": 4}).json()["results"]
     moved = tmp_path / "moved.pt"
     shutil.copy(tiny.checkpoint, moved)
-    for pretrained in (str(tiny.checkpoint), str(moved)):
+    by_path = client.post("/api/search/embedding", json={"embedding": vector, "model": "conlip-tiny",
+                                                         "pretrained": str(moved)})
+    assert by_path.status_code == 409 and "fingerprint" in by_path.json()["detail"]
+    moved_fingerprint = hashlib.sha256(moved.read_bytes()).hexdigest()
+    for weights in ({"pretrained": str(tiny.checkpoint)}, {"fingerprint": moved_fingerprint}):
         response = client.post("/api/search/embedding", json={"embedding": vector, "model": "conlip-tiny",
-                                                              "pretrained": pretrained, "k": 4})
+                                                              **weights, "k": 4})
         assert response.status_code == 200, response.text
         results = response.json()["results"]
         assert [r["row"] for r in results] == [r["row"] for r in by_text]
@@ -207,7 +323,7 @@ def test_embedding_from_another_model(client, tiny, tmp_path):
                                                           "pretrained": other.identity.pretrained})
     assert response.status_code == 409
     detail = response.json()["detail"]
-    assert tiny.encoder.identity.describe() in detail and other.identity.describe() in detail
+    assert tiny.encoder.identity.describe() in detail and f"conlip-tiny ({other.identity.pretrained})" in detail
     no_weights = client.post("/api/search/embedding", json={"embedding": vector, "model": "conlip-tiny"})
     assert no_weights.status_code == 409 and "conlip-tiny (random init)" in no_weights.json()["detail"]
     by_hash = client.post("/api/search/embedding", json={"embedding": vector, "model": "conlip-tiny",

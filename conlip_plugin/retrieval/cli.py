@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..arguments import fraction, non_negative_int, positive_float, positive_int
+from ..arguments import fraction, non_negative_int, port_number, positive_float, positive_int
 from ..data.files import fail
 from .encoder import Encoder, ModelIdentity, UnreadableImage, loader_workers
 from .nearest import EXACT_BELOW, TARGET_RECALL
@@ -63,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = verbs.add_parser("serve", help="a search page and JSON API over an index")
     serve.add_argument("--index", required=True, type=Path)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000, help="0: any free port (the URL is printed)")
-    serve.add_argument("--max-upload-mb", type=positive_float, default=10.0, help="largest query image accepted")
+    serve.add_argument("--port", type=port_number, default=8000, help="0: any free port (the URL is printed)")
+    serve.add_argument("--max-upload-mb", type=positive_float, default=10.0, help="largest query image file accepted")
+    serve.add_argument("--max-image-megapixels", type=positive_float, default=50.0,
+                       help="largest query image accepted, in decoded pixels (checked before decoding)")
     add_model_override(serve)
     return parser
 
@@ -146,7 +148,8 @@ def run_serve(args: argparse.Namespace) -> None:
 
     index = Index(args.index)
     encoder = query_encoder(index, args.model, args.pretrained, args.device)
-    serve(index, encoder, args.host, args.port, int(args.max_upload_mb * 1024 * 1024))
+    serve(index, encoder, args.host, args.port, int(args.max_upload_mb * 1024 * 1024),
+          int(args.max_image_megapixels * 1_000_000))
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -24,6 +24,16 @@ class UnreadableImage(ValueError):
     """An item's bytes are not an image PIL can decode (the message says why)."""
 
 
+class ImageTooLarge(ValueError):
+    """A query image with more pixels than the caller allows: refused from its header, before decoding,
+    since a small compressed file can decode to gigabytes."""
+
+    def __init__(self, width: int, height: int, max_pixels: int):
+        self.width, self.height, self.max_pixels = width, height, max_pixels
+        super().__init__(f"{width}x{height} pixels ({width * height / 1e6:.1f} megapixels), over the limit of "
+                         f"{max_pixels / 1e6:g} megapixels")
+
+
 def _sha256(paths: List[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
@@ -55,7 +65,8 @@ class ModelIdentity:
         return cls(model, pretrained or None, _sha256(files) if files else None)
 
     def describe(self) -> str:
-        weights = self.pretrained or ("the folder's weights" if self.model.startswith("local-dir:") else "random init")
+        weights = self.pretrained or ("the folder's weights" if self.model.startswith("local-dir:")
+                                      else "weights" if self.fingerprint else "random init")
         short = f", sha256 {self.fingerprint[:12]}" if self.fingerprint else ""
         return f"{self.model} ({weights}{short})"
 
@@ -77,17 +88,29 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def decode_image(data: bytes, preprocess) -> torch.Tensor:
-    """Bytes to the model's input tensor; anything PIL cannot read raises UnreadableImage."""
+def _unreadable(err: Exception) -> UnreadableImage:
+    reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))
+    return UnreadableImage(f"{type(err).__name__}: {reason}")
+
+
+def decode_image(data: bytes, preprocess, max_pixels: Optional[int] = None) -> torch.Tensor:
+    """Bytes to the model's input tensor; anything PIL cannot read raises UnreadableImage, and an image
+    over ``max_pixels`` raises ImageTooLarge before its pixels are decoded."""
     if not data:
         raise UnreadableImage("empty file")
+    unreadable = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        img = Image.open(io.BytesIO(data))
+    except unreadable as err:
+        raise _unreadable(err) from err
+    with img:
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            raise ImageTooLarge(img.width, img.height, max_pixels)
+        try:
             img.load()
             return preprocess(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))
-        raise UnreadableImage(f"{type(err).__name__}: {reason}") from err
+        except unreadable as err:
+            raise _unreadable(err) from err
 
 
 class Encoder:
@@ -130,9 +153,10 @@ class Encoder:
             out = self.model.encode_text(self.tokenizer(captions).to(self.device))
         return torch.nn.functional.normalize(out.float(), dim=-1).cpu()
 
-    def image_bytes(self, data: bytes) -> torch.Tensor:
-        """One query image, as bytes, to its embedding (UnreadableImage if it is not one)."""
-        return self.images(decode_image(data, self.preprocess).unsqueeze(0))[0]
+    def image_bytes(self, data: bytes, max_pixels: Optional[int] = None) -> torch.Tensor:
+        """One query image, as bytes, to its embedding (UnreadableImage if it is not one, ImageTooLarge
+        if it has more than ``max_pixels``)."""
+        return self.images(decode_image(data, self.preprocess, max_pixels).unsqueeze(0))[0]
 
 
 def loader_workers(requested: Optional[int]) -> int:

@@ -8,10 +8,12 @@
     GET  /api/items/{row}/image     an item's image bytes
 
 Queries are embedded with the index's own model; a request that names another model, or an embedding
-made by one, is refused (409) with both models named, since its scores would be meaningless. Errors
-are JSON ``{"detail": "..."}`` messages that say what to change.
+made by one, is refused (409) with both models named, since its scores would be meaningless. A request
+names its model by strings only (the name, and the checkpoint path or sha256 fingerprint that
+/api/info gives): the server opens no file a request names, since hashing paths sent over the network
+would tell any client which files exist on the server, and their hashes. Errors are JSON
+``{"detail": "..."}`` messages that say what to change.
 """
-import functools
 import io
 import mimetypes
 import socket
@@ -25,17 +27,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from ..data.files import fail
-from .encoder import Encoder, ModelIdentity, UnreadableImage
+from .encoder import Encoder, ImageTooLarge, ModelIdentity, UnreadableImage
 from .sources import Item
 from .store import MODALITIES, Index
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_K = 1000
+MAX_QUERY_PIXELS = 50_000_000
+# An embedding as JSON: a float takes at most about 25 characters; the slack covers the other fields.
+EMBEDDING_BYTES_PER_DIM = 64
+EMBEDDING_SLACK = 64 * 1024
 # A multipart body carries boundaries, part headers and the small form fields besides the file.
 MULTIPART_SLACK = 64 * 1024
 Against = Literal["images", "captions"]
@@ -114,28 +120,8 @@ def _check_against(raw: object) -> str:
     return str(raw)
 
 
-def _weight_files_stamp(model: str, pretrained: Optional[str]) -> tuple:
-    """Name, mtime and size of the files an identity hashes: a rewritten checkpoint is hashed again."""
-    paths = []
-    if model.startswith("local-dir:") and Path(model[len("local-dir:"):]).is_dir():
-        paths += sorted(Path(model[len("local-dir:"):]).iterdir())
-    if pretrained and Path(pretrained).is_file():
-        paths.append(Path(pretrained))
-    return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
-
-
-@functools.lru_cache(maxsize=32)
-def _cached_identity(model: str, pretrained: Optional[str], stamp: tuple) -> ModelIdentity:
-    return ModelIdentity.of(model, pretrained)
-
-
-def _identity_of(model: str, pretrained: Optional[str]) -> ModelIdentity:
-    """ModelIdentity.of, cached while the weight files are unchanged: hashing a checkpoint per request
-    would cost seconds."""
-    return _cached_identity(model, pretrained, _weight_files_stamp(model, pretrained))
-
-
-def create_app(index: Index, encoder: Encoder, max_upload_bytes: int) -> FastAPI:
+def create_app(index: Index, encoder: Encoder, max_upload_bytes: int,
+               max_query_pixels: int = MAX_QUERY_PIXELS) -> FastAPI:
     """The API and the page over ``index``; ``encoder`` must hold the index's weights."""
     if not encoder.identity.same_model(index.identity):
         raise ValueError(f"the index {index.path} was built with {index.identity.describe()}, but the encoder "
@@ -148,34 +134,26 @@ def create_app(index: Index, encoder: Encoder, max_upload_bytes: int) -> FastAPI
         with lock:
             return call(*args)
 
-    def refuse_other_model(asked: ModelIdentity, what: str) -> None:
+    def refuse_unless_index_model(model: Optional[str], pretrained: Optional[str], fingerprint: Optional[str],
+                                  what: str, weights_needed: bool) -> None:
+        """The model a request names must be the index's, compared as strings: the model name as
+        /api/info gives it and, when weights are named (or needed: a client's own embedding), the
+        index's checkpoint path or the sha256 fingerprint of its weight files."""
         recorded = index.identity
-        if not asked.same_model(recorded):
+        if not (model or pretrained or fingerprint or weights_needed):
+            return
+        asked = ModelIdentity(model or recorded.model, pretrained, fingerprint)
+        same = asked.model == recorded.model
+        if fingerprint:
+            same = same and fingerprint.lower() == (recorded.fingerprint or "")
+        elif pretrained or weights_needed:
+            same = same and pretrained == recorded.pretrained
+        if not same:
             raise HTTPException(409, f"this index was built with {recorded.describe()}; {what} "
                                      f"{asked.describe()}, and embeddings of different models are not "
-                                     f"comparable. Use the index's model, or search an index built with that one.")
-
-    def check_named_model(model: Optional[str], pretrained: Optional[str]) -> None:
-        """A text or image query may name the model it expects: with weights (the index's model name
-        when only those are given), the identity must match; a bare model name must be the index's."""
-        if model is None and pretrained is None:
-            return
-        model = model or index.identity.model
-        if pretrained is None:
-            named = identity(model, None)
-            if named.model != index.identity.model:
-                raise HTTPException(409, f"this index was built with {index.identity.describe()}; the request "
-                                         f"asks for {named.describe()}. Leave model out (the server embeds "
-                                         f"queries with the index's model), or serve an index built with it.")
-            return
-        refuse_other_model(identity(model, pretrained), "the request asks for")
-
-    def identity(model: str, pretrained: Optional[str]) -> ModelIdentity:
-        try:
-            return _identity_of(model, pretrained)
-        except OSError as err:
-            raise HTTPException(400, f"cannot read the weights {pretrained!r} of model {model!r} to compare "
-                                     f"them with the index's ({err}); name a readable checkpoint.") from err
+                                     f"comparable. Name the index's model as GET /api/info gives it (model, and "
+                                     f"pretrained or the sha256 fingerprint), or search an index built with that "
+                                     f"one.")
 
     def answer(query: dict, vector: np.ndarray, against: str, k: int) -> dict:
         results = locked(index.search, vector, against, k)
@@ -200,16 +178,17 @@ def create_app(index: Index, encoder: Encoder, max_upload_bytes: int) -> FastAPI
 
     @app.get("/api/search")
     def search_text(text: str = "", k: int = Query(10, ge=1, le=MAX_K), against: Against = "images",
-                    model: Optional[str] = None, pretrained: Optional[str] = None) -> dict:
+                    model: Optional[str] = None, pretrained: Optional[str] = None,
+                    fingerprint: Optional[str] = None) -> dict:
         if not text.strip():
             raise HTTPException(400, "text is empty; give the words to search for (?text=...).")
-        check_named_model(model, pretrained)
+        refuse_unless_index_model(model, pretrained, fingerprint, "the request asks for", weights_needed=False)
         vector = locked(encoder.texts, [text])[0].numpy()
         return answer({"text": text}, vector, against, k)
 
     @app.post("/api/search/image")
     async def search_image(request: Request) -> dict:
-        """Multipart ``file`` with ``k``, ``against``, ``model``, ``pretrained`` fields. The body is read
+        """Multipart ``file`` with ``k``, ``against``, ``model``, ``pretrained``, ``fingerprint`` fields. The body is read
         only up to the limit (plus the multipart framing), so an oversized upload costs no memory."""
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_upload_bytes + MULTIPART_SLACK:
@@ -225,26 +204,30 @@ def create_app(index: Index, encoder: Encoder, max_upload_bytes: int) -> FastAPI
             if not isinstance(upload, UploadFile):
                 raise HTTPException(400, "no image in the request; send it as the multipart form field 'file'.")
             k, against = _check_k(form.get("k", 10)), _check_against(form.get("against", "images"))
-            model, pretrained = form.get("model") or None, form.get("pretrained") or None  # text: one file only
-            await run_in_threadpool(check_named_model, model, pretrained)  # may hash a checkpoint
+            named = [form.get(field) or None for field in ("model", "pretrained", "fingerprint")]  # text: one file only
+            refuse_unless_index_model(*named, "the request asks for", weights_needed=False)
             data = await upload.read(max_upload_bytes + 1)
             if len(data) > max_upload_bytes:
                 raise _too_large(_megabytes(upload.size or len(data)), max_upload_bytes)
+            name = upload.filename or "the upload"
             try:
-                vector = await run_in_threadpool(locked, encoder.image_bytes, data)
+                vector = await run_in_threadpool(locked, encoder.image_bytes, data, max_query_pixels)
             except UnreadableImage as err:
-                raise HTTPException(415, f"{upload.filename or 'the upload'} is not an image this server can "
-                                         f"read ({err}); send a PNG, JPEG, WebP, GIF, BMP or TIFF file.") from err
-            return answer({"image": upload.filename, "bytes": len(data)}, vector.numpy(), against, k)
+                raise HTTPException(415, f"{name} is not an image this server can read ({err}); send a PNG, "
+                                         f"JPEG, WebP, GIF, BMP or TIFF file.") from err
+            except ImageTooLarge as err:
+                raise HTTPException(413, f"{name} is {err}. Send a smaller image, or restart conlip-retrieval "
+                                         f"serve with a larger --max-image-megapixels.") from err
+            query = {"image": upload.filename, "bytes": len(data)}
+            return await run_in_threadpool(answer, query, vector.numpy(), against, k)
         finally:
             await form.close()
 
-    @app.post("/api/search/embedding")
-    def search_embedding(body: EmbeddingQuery) -> dict:
-        """For clients that embed their queries themselves; the vector is scaled to unit length."""
-        asked = (ModelIdentity(body.model, body.pretrained, body.fingerprint) if body.fingerprint
-                 else identity(body.model, body.pretrained))
-        refuse_other_model(asked, "the embedding was made with")
+    embedding_bytes = EMBEDDING_BYTES_PER_DIM * dim + EMBEDDING_SLACK
+
+    def embedding_answer(body: EmbeddingQuery) -> dict:
+        refuse_unless_index_model(body.model, body.pretrained, body.fingerprint, "the embedding was made with",
+                                  weights_needed=True)
         vector = np.asarray(body.embedding, dtype=np.float64)
         if vector.shape != (dim,):
             raise HTTPException(400, f"the embedding has {vector.size} dimensions; this index holds {dim} "
@@ -252,8 +235,30 @@ def create_app(index: Index, encoder: Encoder, max_upload_bytes: int) -> FastAPI
         norm = float(np.linalg.norm(vector))
         if not np.isfinite(norm) or norm == 0:
             raise HTTPException(400, "the embedding is zero or not finite; send the model's output vector.")
+        asked = ModelIdentity(body.model, body.pretrained, body.fingerprint)
         query = {"embedding": dim, "model": asked.describe()}
         return answer(query, (vector / norm).astype(np.float32), body.against, body.k)
+
+    @app.post("/api/search/embedding", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": EmbeddingQuery.model_json_schema()}}}})
+    async def search_embedding(request: Request) -> dict:
+        """For clients that embed their queries themselves (EmbeddingQuery as JSON); the vector is scaled
+        to unit length. The body is read only up to what one embedding of the index's size needs."""
+        too_large = HTTPException(413, f"the request body is over {_megabytes(embedding_bytes)}, more than one "
+                                       f"embedding of {dim} numbers takes; send one vector of the index's "
+                                       f"dimension.")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > embedding_bytes:
+            raise too_large
+        try:
+            raw = await _bounded(request, embedding_bytes).body()
+        except _BodyTooLarge:
+            raise too_large from None
+        try:
+            body = EmbeddingQuery.model_validate_json(raw)
+        except ValidationError as err:
+            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors()]) from None
+        return await run_in_threadpool(embedding_answer, body)
 
     @app.get("/api/items/{row}/image")
     def item_image(row: int) -> Response:
@@ -289,11 +294,12 @@ def _listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(index: Index, encoder: Encoder, host: str, port: int, max_upload_bytes: int) -> None:
+def serve(index: Index, encoder: Encoder, host: str, port: int, max_upload_bytes: int,
+          max_query_pixels: int = MAX_QUERY_PIXELS) -> None:
     """Serve the page and the API until interrupted; prints the address (with the port actually bound)."""
     import uvicorn
 
-    app = create_app(index, encoder, max_upload_bytes)
+    app = create_app(index, encoder, max_upload_bytes, max_query_pixels)
     sock = _listening_socket(host, port)
     bound_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if ":" in host else host
