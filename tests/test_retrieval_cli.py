@@ -2,6 +2,7 @@
 ``BASE+conlip`` checkpoint and a plain open_clip model; a query model other than the index's is refused; kill -9 mid-run resumes."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,11 +98,19 @@ def test_a_query_model_other_than_the_index_model_is_refused_with_both_names(set
                      "--csv-separator", ",", "--out", out, "--workers", "0", "--no-progress")
     other = retrieval_models.conlip_checkpoint(setup["root"] / "other.pt", seed=1)
     for argv in (["--model", model, "--pretrained", other], ["--model", setup["kinds"]["plain open_clip"][0]],
-                 ["--model", "conlip-tiny-vanilla", "--pretrained", ckpt]):  # same file, another architecture
+                 ["--model", "conlip-tiny-vanilla", "--pretrained", ckpt],  # same file, another architecture
+                 ["--pretrained", other]):  # weights alone: the index's architecture with them
         with pytest.raises(SystemExit) as stop:
             conlip_retrieval(capsys, "search", "--index", out, "--text", "x", *argv)
         message = str(stop.value)
         assert f"conlip-tiny ({ckpt}" in message and str(argv[1]).split(":")[-1] in message
+    moved = setup["root"] / "moved.pt"
+    shutil.copy(ckpt, moved)
+    found = json.loads(conlip_retrieval(capsys, "search", "--index", out, "--text", "x", "--pretrained", moved,
+                                        "--k", "1", "--json"))
+    assert len(found) == 1
+    with pytest.raises(SystemExit, match="--image .* cannot be read .*pass an image file"):
+        conlip_retrieval(capsys, "search", "--index", out, "--image", setup["root"])
 
 
 @pytest.mark.parametrize("flag, value, says", [("--target-recall", "1.5", "at most 1"), ("--chunk-size", "0", "at least 1"),

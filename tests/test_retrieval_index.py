@@ -1,5 +1,6 @@
 """conlip-retrieval's gallery sources, index files, resumption and search, against independent
 computations (float64 loops over the stored vectors, the encoder run one image at a time)."""
+import dataclasses
 import io
 import json
 import tarfile
@@ -8,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import retrieval_models
 import shapes_data
 from conlip_plugin.retrieval import cli
-from conlip_plugin.retrieval.encoder import Encoder, decode_image
+from conlip_plugin.retrieval import store
+from conlip_plugin.retrieval.encoder import MAX_ASPECT_RATIO, Encoder, UnreadableImage, decode_image
 from conlip_plugin.retrieval.nearest import build_approximate, exact_search, list_count, recall_at_k
 from conlip_plugin.retrieval.sources import Item, gallery_items
 from conlip_plugin.retrieval.store import Index, IndexWriter
@@ -97,14 +100,40 @@ def test_recall_at_k_counts_overlap():
     assert recall_at_k(np.array([[1, 2, 3]]), np.array([[3, 4, 1]]), 3) == pytest.approx(2 / 3)
 
 
-def test_folder_items_take_sidecar_captions_and_skip_other_files(tmp_path):
+def test_folder_items_take_sidecar_captions_and_skip_other_files(tmp_path, monkeypatch):
     (tmp_path / "sub").mkdir()
     shapes_data.draw("red", "square").save(tmp_path / "sub" / "b.png")
     shapes_data.draw("blue", "circle").save(tmp_path / "a.jpg")
     (tmp_path / "a.txt").write_text("  a blue\n circle ")
     (tmp_path / "notes.md").write_text("not an image")
-    items = list(gallery_items(str(tmp_path)))
+    monkeypatch.chdir(tmp_path.parent)  # a relative --images: the index must still find the files elsewhere
+    items = list(gallery_items(tmp_path.name))
     assert [(i.key, i.caption) for i in items] == [("a.jpg", "a blue circle"), ("sub/b.png", None)]
+    assert [i.path for i in items] == [str(tmp_path.resolve() / "a.jpg"), str(tmp_path.resolve() / "sub" / "b.png")]
+
+
+def test_a_strip_image_and_one_that_exhausts_memory_are_skipped_not_fatal(gallery, tmp_path, monkeypatch):
+    """A 1 x 20,000 strip resized to the model's input side would take gigabytes: it is skipped from
+    its header; an image whose decoding runs out of memory is skipped too, and the index finishes."""
+    shapes_data.draw("red", "square").save(tmp_path / "a.png")
+    shapes_data.draw("blue", "bar").save(tmp_path / "b.png")
+    Image.new("RGB", (20_000, 1)).save(tmp_path / "strip.png")
+    with pytest.raises(UnreadableImage, match=f"20000x1 pixels, an aspect ratio over {MAX_ASPECT_RATIO}:1"):
+        decode_image((tmp_path / "strip.png").read_bytes(), gallery["encoder"].preprocess)
+    real_decode = store.decode_image
+
+    def exhausted_for_b(data, preprocess):
+        if data == (tmp_path / "b.png").read_bytes():
+            raise MemoryError
+        return real_decode(data, preprocess)
+
+    monkeypatch.setattr(store, "decode_image", exhausted_for_b)
+    manifest = IndexWriter(tmp_path / "idx", gallery["encoder"], str(tmp_path), progress=False).run(
+        gallery_items(str(tmp_path)))
+    assert manifest["counts"] == {"items": 1, "captions": 0, "skipped": 2}
+    skipped = {s["key"]: s["reason"] for s in map(json.loads, (tmp_path / "idx" / "skipped.jsonl").open())}
+    assert set(skipped) == {"b.png", "strip.png"} and skipped["b.png"] == "out of memory while decoding it"
+    assert "aspect ratio over" in skipped["strip.png"]
 
 
 def test_shard_items_point_at_the_image_bytes(tmp_path):
@@ -121,24 +150,28 @@ def test_missing_and_cut_shards_and_imageless_samples_are_skipped_with_reasons(g
     data = shapes_data.write(tmp_path)
     whole = data["shard"].read_bytes()
     with tarfile.open(data["shard"]) as tar:
-        png_20, txt_10 = tar.getmember("000020.png"), tar.getmember("000010.txt")
+        png_20, txt_10, png_15 = (tar.getmember(n) for n in ("000020.png", "000010.txt", "000015.png"))
     (tmp_path / "inside.tar").write_bytes(whole[:png_20.offset_data + 40])  # inside sample 20's image
     (tmp_path / "between.tar").write_bytes(whole[:txt_10.offset_data + 512])  # after sample 10, whole
+    damaged = bytearray(whole)  # tarfile ends quietly at a member header whose checksum fails
+    damaged[png_15.offset + 3] ^= 0xFF
+    (tmp_path / "damaged.tar").write_bytes(bytes(damaged))
     with tarfile.open(tmp_path / "textonly.tar", "w") as tar:
         info = tarfile.TarInfo("lonely.txt")
         info.size = 5
         tar.addfile(info, io.BytesIO(b"words"))
-    pattern = str(tmp_path / "{shard-000000,inside,between,missing,textonly}.tar")
+    pattern = str(tmp_path / "{shard-000000,inside,between,missing,textonly,damaged}.tar")
     manifest = IndexWriter(tmp_path / "idx", gallery["encoder"], pattern, progress=False).run(gallery_items(pattern))
     lines = (tmp_path / "idx" / "skipped.jsonl").read_text().splitlines()
     skipped = {entry["key"]: entry["reason"] for entry in map(json.loads, lines)}
     assert set(skipped) == {"inside.tar (from the break on)", "between.tar (from the break on)", "missing.tar",
-                            "textonly.tar/lonely"}
+                            "textonly.tar/lonely", "damaged.tar (from the break on)"}
+    assert skipped["damaged.tar (from the break on)"].startswith(f"damaged member header at byte {png_15.offset:,}")
     assert "cut short or damaged (unexpected end of data)" in skipped["inside.tar (from the break on)"]
     assert "cut short" in skipped["between.tar (from the break on)"]
     assert skipped["missing.tar"] == "shard not found"
     assert skipped["textonly.tar/lonely"] == "the sample has no image member (it has: txt)"
-    assert manifest["counts"] == {"items": 30 + 20 + 11, "captions": 30 + 20 + 11, "skipped": 4}
+    assert manifest["counts"] == {"items": 30 + 20 + 11 + 15, "captions": 30 + 20 + 11 + 15, "skipped": 5}
 
 
 def test_a_gallery_that_is_not_there_or_of_no_known_kind_is_named(tmp_path):
@@ -210,9 +243,13 @@ def test_resuming_with_other_settings_or_a_changed_source_is_refused(gallery, tm
     items = list(gallery_items(str(gallery["csv"]), "filepath", "title", ","))
     with pytest.raises(SystemExit, match="chunk size 8; this run asks for .* chunk size 16"):
         build(gallery, tmp_path / "cut", chunk_size=16)
-    with pytest.raises(SystemExit, match="the source changed"):
-        IndexWriter(tmp_path / "cut", gallery["encoder"], str(gallery["csv"]), chunk_size=8,
-                    progress=False).run(items[1:])
+    renamed = [dataclasses.replace(items[0], key="renamed.png"), *items[1:]]
+    recaptioned = [items[0], dataclasses.replace(items[1], caption="an edited caption"), *items[2:]]
+    for changed in (items[1:], renamed, recaptioned, items[:5]):  # inside the finished chunk, or cut short
+        with pytest.raises(SystemExit, match="chunk 0 .* differs; the source changed"):
+            IndexWriter(tmp_path / "cut", gallery["encoder"], str(gallery["csv"]), chunk_size=8,
+                        progress=False).run(changed)
+    assert build(gallery, tmp_path / "cut", chunk_size=8)["counts"]["items"] == 30
 
 
 def test_approximate_search_when_the_gallery_is_large(gallery, tmp_path):

@@ -74,18 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
 def add_model_override(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="embed queries with this model; it must be the index's "
                                                       "(default: the model recorded in the index)")
-    parser.add_argument("--pretrained", default=None, help="with --model: its weights")
+    parser.add_argument("--pretrained", default=None, help="the weights (alone: the index's model with these "
+                                                           "weights, e.g. after the checkpoint moved)")
     parser.add_argument("--device", default=None)
 
 
 def query_encoder(index: Index, model: Optional[str], pretrained: Optional[str], device: Optional[str]) -> Encoder:
     """The encoder for queries: the index's own model, or one that is provably the same weights."""
     recorded = index.identity
-    if model is None:
+    if model is None and pretrained is None:
         if recorded.pretrained and Path(recorded.pretrained).suffix and not Path(recorded.pretrained).exists():
             fail(f"{index.path} was built with {recorded.describe()}, and {recorded.pretrained} is gone; "
-                 f"pass --model and --pretrained naming the same weights where they are now.")
+                 f"pass --pretrained (and --model) naming the same weights where they are now.")
         model, pretrained = recorded.model, recorded.pretrained
+    model = model or recorded.model  # --pretrained alone: the index's architecture with those weights
     asked = ModelIdentity.of(model, pretrained)
     if not asked.same_model(recorded):
         fail(f"the index {index.path} was built with {recorded.describe()}; queries would be embedded with "
@@ -138,6 +140,8 @@ def run_search(args: argparse.Namespace) -> None:
             query = encoder.image_bytes(args.image.read_bytes())
         except FileNotFoundError:
             fail(f"--image {args.image} not found.")
+        except OSError as err:
+            fail(f"--image {args.image} cannot be read ({err.strerror or err}); pass an image file.")
         except UnreadableImage as err:
             fail(f"--image {args.image} is not an image PIL can read ({err}).")
     show(index.search(query.numpy().astype(np.float32), args.against, args.k), args.json)

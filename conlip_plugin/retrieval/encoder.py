@@ -18,6 +18,9 @@ from PIL import Image, UnidentifiedImageError
 from ..activation import activate
 
 HASH_BLOCK = 1 << 22
+# open_clip resizes an image's short side to the model's input, so a 1 x 20,000,000 strip would become
+# gigabytes; beyond this ratio the centre crop shows almost nothing of the image anyway.
+MAX_ASPECT_RATIO = 200
 
 
 class UnreadableImage(ValueError):
@@ -106,6 +109,9 @@ def decode_image(data: bytes, preprocess, max_pixels: Optional[int] = None) -> t
     with img:
         if max_pixels is not None and img.width * img.height > max_pixels:
             raise ImageTooLarge(img.width, img.height, max_pixels)
+        if max(img.size) > MAX_ASPECT_RATIO * max(1, min(img.size)):
+            raise UnreadableImage(f"{img.width}x{img.height} pixels, an aspect ratio over {MAX_ASPECT_RATIO}:1; "
+                                  f"resized to the model's input it would take gigabytes")
         try:
             img.load()
             return preprocess(img.convert("RGB"))

@@ -62,7 +62,7 @@ def folder_items(root: Path) -> Iterator[Item]:
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in FOLDER_IMAGE_SUFFIXES):
         sidecar = path.with_suffix(".txt")
         caption = _caption(sidecar.read_text(errors="replace")) if sidecar.is_file() else None
-        yield Item(key=str(path.relative_to(root)), caption=caption, path=str(path))
+        yield Item(key=str(path.relative_to(root)), caption=caption, path=str(path.resolve()))
 
 
 def csv_items(csv_path: Path, img_key: str, caption_key: Optional[str], separator: str) -> Iterator[Item]:
@@ -106,14 +106,27 @@ def shard_items(pattern: str) -> Iterator[Item]:
                         continue
                     yield Item(key=f"{path.name}/{key}", caption=caption, shard=str(path.resolve()),
                                offset=image.offset_data, size=image.size)
-                if path.stat().st_size < tar.offset + 2 * tarfile.BLOCKSIZE:  # tar's end marker is missing
-                    yield Item(key=f"{path.name} (from the break on)", shard=str(path.resolve()),
-                               problem="shard cut short (it ends without tar's end-of-archive blocks); the "
-                                       "samples before the break are indexed, the last of them perhaps without "
-                                       "all its members")
+                problem = _where_reading_stopped(path, tar.offset)
+                if problem:
+                    yield Item(key=f"{path.name} (from the break on)", shard=str(path.resolve()), problem=problem)
         except (tarfile.TarError, OSError, EOFError) as err:
             yield Item(key=f"{path.name} (from the break on)", shard=str(path.resolve()),
                        problem=f"shard cut short or damaged ({err}); the samples before the break are indexed")
+
+
+def _where_reading_stopped(path: Path, offset: int) -> Optional[str]:
+    """Why tarfile stopped at ``offset``, unless it is tar's end-of-archive marker (two zero blocks):
+    tarfile ends its iteration quietly both where a shard is cut short and at a damaged member header."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        marker = f.read(2 * tarfile.BLOCKSIZE)
+    if len(marker) < 2 * tarfile.BLOCKSIZE:
+        return ("shard cut short (it ends without tar's end-of-archive blocks); the samples before the break "
+                "are indexed, the last of them perhaps without all its members")
+    if marker.strip(b"\0"):
+        return (f"damaged member header at byte {offset:,}; the samples before it are indexed, the rest of "
+                f"the shard is not")
+    return None
 
 
 def is_shard_pattern(source: str) -> bool:

@@ -10,6 +10,8 @@ chunk; the manifest says ``complete`` only once every file is in place.
     INDEX/{images,captions}.faiss   approximate indexes (large galleries only)
     INDEX/parts/              finished chunks of an unfinished run (removed when it completes)
 """
+import dataclasses
+import hashlib
 import io
 import itertools
 import json
@@ -60,6 +62,15 @@ class _Decoded(Dataset):
             return i, decode_image(item.read_bytes(), self.preprocess), None
         except (UnreadableImage, OSError) as err:
             return i, None, str(err)
+        except MemoryError:  # one image the decoder cannot hold must not stop, on every rerun, the whole index
+            return i, None, "out of memory while decoding it"
+
+
+def _items_digest(items: List[Item]) -> str:
+    """sha256 of a chunk's items as the source lists them (skipped ones too): a resumed run checks that
+    its source still lists, chunk by chunk, what the stopped run embedded."""
+    listed = json.dumps([dataclasses.astuple(item) for item in items], ensure_ascii=False)
+    return hashlib.sha256(listed.encode()).hexdigest()
 
 
 def _collate(batch):
@@ -139,15 +150,22 @@ class IndexWriter:
                  captions=np.concatenate(text) if text else np.zeros((0, self.encoder.embed_dim), np.float16),
                  caption_rows=np.asarray(captioned, dtype=np.int64),
                  records=np.frombuffer(json.dumps(records).encode(), dtype=np.uint8),
-                 last_key=np.frombuffer(items[-1].key.encode(), dtype=np.uint8),
+                 items_digest=np.frombuffer(_items_digest(items).encode(), dtype=np.uint8),
                  skipped=np.frombuffer(json.dumps(reasons).encode(), dtype=np.uint8))
         write_atomic(self.parts / f"{number:06d}.npz", buffer.getvalue())
         for entry in reasons:
             _log.warning("skipped %s: %s", entry["key"], entry["reason"])
 
-    def _last_key(self, number: int) -> str:
+    def _check_unchanged(self, number: int, items: List[Item]) -> None:
+        """Refuse to resume when finished chunk ``number`` no longer lists the same items."""
         with np.load(self.parts / f"{number:06d}.npz") as part:
-            return part["last_key"].tobytes().decode()
+            digest = part["items_digest"].tobytes().decode() if "items_digest" in part.files else None
+        size = self.settings.chunk_size
+        if digest != _items_digest(items):
+            where = f"from {items[0].key!r}" if items else "past the end of the source"
+            fail(f"{self.settings.source!r} no longer lists the items the stopped run embedded: chunk {number} "
+                 f"(items {number * size} to {(number + 1) * size - 1}, {where}) differs; the source changed. "
+                 f"Delete {self.out} and index again.")
 
     def run(self, items: Iterable[Item], total: Optional[int] = None) -> dict:
         """Embed every item not yet done, then write the final files; returns the manifest."""
@@ -160,13 +178,9 @@ class IndexWriter:
             return json.loads((self.out / "manifest.json").read_text())
         size = self.settings.chunk_size
         items = iter(items)
-        skipped_before, last = 0, None
-        for last in itertools.islice(items, done * size):
-            skipped_before += 1
-        if done and (skipped_before < done * size or last.key != self._last_key(done - 1)):
-            fail(f"{self.settings.source!r} no longer lists the items the stopped run embedded (chunk "
-                 f"{done - 1} ended at {self._last_key(done - 1)!r}); the source changed. Delete {self.out} "
-                 f"and index again.")
+        for number in range(done):
+            self._check_unchanged(number, list(itertools.islice(items, size)))
+        skipped_before = done * size
         bar = tqdm(total=total, initial=skipped_before, unit="img", desc="embedding", disable=not self.progress)
         if skipped_before:
             _log.info("resuming %s: %d chunk(s) of %d items were finished", self.out, done, size)
