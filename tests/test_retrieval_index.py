@@ -260,3 +260,29 @@ def test_approximate_search_when_the_gallery_is_large(gallery, tmp_path):
     query = gallery["encoder"].texts(["a red bar"])[0].numpy()
     stored = np.load(tmp_path / "idx" / "images.npy").astype(np.float64)
     assert [r["row"] for r in index.search(query, "images", 4)] == float64_top_k(stored, query.astype(np.float64), 4)
+
+
+def test_approximate_caption_search_maps_faiss_positions_to_item_rows(gallery, tmp_path):
+    """Only some items have captions, so caption vector j belongs to item captions.rows[j]: each result's
+    row, caption and score must be that item's, over an index of several inverted lists."""
+    colours, shapes = list(shapes_data.COLOURS), shapes_data.SHAPES
+    for n in range(120):
+        colour, shape = colours[n % len(colours)], shapes[(n // len(colours)) % len(shapes)]
+        shapes_data.draw(colour, shape).rotate(n * 3).save(tmp_path / f"{n:03d}.png")
+        if n % 4:  # every fourth item has no caption
+            (tmp_path / f"{n:03d}.txt").write_text(f"a {colour} {shape}, picture {n}")
+    manifest = IndexWriter(tmp_path / "idx", gallery["encoder"], str(tmp_path), progress=False,
+                           exact_below=0).run(gallery_items(str(tmp_path)))
+    assert manifest["counts"] == {"items": 120, "captions": 90, "skipped": 0}
+    assert manifest["search"]["captions"]["kind"] == f"IVF{list_count(90)},SQfp16" and list_count(90) >= 2
+    index = Index(tmp_path / "idx")
+    stored = np.load(tmp_path / "idx" / "captions.npy").astype(np.float64)
+    rows = np.load(tmp_path / "idx" / "captions.rows.npy")
+    assert rows.tolist() == [n for n in range(120) if n % 4]
+    query = gallery["encoder"].texts(["a purple cross"])[0].numpy()
+    results = index.search(query, "captions", 10)
+    assert len(results) == 10
+    for r in results:
+        (position,) = np.flatnonzero(rows == r["row"])
+        assert r["caption"] == (tmp_path / f"{r['row']:03d}.txt").read_text()
+        assert r["score"] == pytest.approx(float(stored[position] @ query.astype(np.float64)), abs=2e-3)
