@@ -1,5 +1,6 @@
 """The conlip-retrieval command on each kind of model: a ConLIP checkpoint, its exported folder, a
-``BASE+conlip`` checkpoint and a plain open_clip model; a query model other than the index's is refused; kill -9 mid-run resumes."""
+``BASE+conlip`` checkpoint and a plain open_clip model; a query model other than the index's is refused;
+kill -9 mid-run resumes."""
 import json
 import os
 import shutil

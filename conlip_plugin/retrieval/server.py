@@ -2,9 +2,9 @@
 
     GET  /                          the page (static files of this package; nothing from the internet)
     GET  /api/info                  the index's model, counts, search kinds and dimension
-    GET  /api/search?text=...&k=10&against=images|captions[&model=...&pretrained=...]
-    POST /api/search/image          multipart: file (+ k, against, model, pretrained)
-    POST /api/search/embedding      JSON: {"embedding": [...], "model": ..., "pretrained" or "fingerprint", "k", "against"}
+    GET  /api/search?text=...&k=10&against=images|captions[&model=...&pretrained=...|fingerprint=...]
+    POST /api/search/image          multipart: file (+ k, against, model, pretrained or fingerprint)
+    POST /api/search/embedding      JSON: {"embedding": [...], "model", "pretrained" or "fingerprint", "k", "against"}
     GET  /api/items/{row}/image     an item's image bytes
 
 Queries are embedded with the index's own model; a request that names another model, or an embedding
@@ -188,8 +188,9 @@ def create_app(index: Index, encoder: Encoder, max_upload_bytes: int,
 
     @app.post("/api/search/image")
     async def search_image(request: Request) -> dict:
-        """Multipart ``file`` with ``k``, ``against``, ``model``, ``pretrained``, ``fingerprint`` fields. The body is read
-        only up to the limit (plus the multipart framing), so an oversized upload costs no memory."""
+        """Multipart ``file`` with ``k``, ``against``, ``model``, ``pretrained``, ``fingerprint`` fields. The
+        body is read only up to the limit (plus the multipart framing), so an oversized upload costs no
+        memory."""
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_upload_bytes + MULTIPART_SLACK:
             raise _too_large(f"{_megabytes(int(declared))} in all", max_upload_bytes)
