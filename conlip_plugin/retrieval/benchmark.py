@@ -180,13 +180,15 @@ def latency_summary(times: List[float]) -> dict:
 
 # The index part --------------------------------------------------------------------------------------
 
-def recall_by_nprobe(approximate: ApproximateIndex, queries: np.ndarray, truth: np.ndarray) -> Dict[int, float]:
+def recall_by_nprobe(approximate: ApproximateIndex, gallery: np.ndarray, queries: np.ndarray,
+                     truth_scores: np.ndarray) -> Dict[int, float]:
     """Held-out recall@10 at each power-of-two nprobe up to twice the chosen one: what the choice gave up
     or would gain."""
     chosen, lists = approximate.nprobe, int(approximate.index.nlist)
     below = {2 ** i for i in range(chosen.bit_length()) if 2 ** i < chosen}
     probes = sorted({1, chosen, min(lists, 2 * chosen)} | below)
-    return {p: recall_at_k(dataclasses.replace(approximate, nprobe=p).search(queries, K)[1], truth, K) for p in probes}
+    return {p: recall_at_k(gallery, queries, dataclasses.replace(approximate, nprobe=p).search(queries, K)[1],
+                           truth_scores, K) for p in probes}
 
 
 def bench_size(n: int, args: argparse.Namespace, queries: np.ndarray, query_labels: np.ndarray) -> dict:
@@ -205,7 +207,9 @@ def bench_size(n: int, args: argparse.Namespace, queries: np.ndarray, query_labe
     approx_times, found = latencies(lambda q: approximate.search(q, K)[1], queries)
     np.savez(args.out / f"neighbours-{n}.npz", exact=truth, approximate=found)
     own_centre = float(np.mean(labels[truth] == query_labels[:, None]))
-    curve = recall_by_nprobe(approximate, queries, truth)
+    truth_scores = exact_search(full, queries, K)[0]
+    curve = recall_by_nprobe(approximate, full, queries, truth_scores)
+    recall = recall_at_k(full, queries, found, truth_scores, K)
     del full
     per_million = MB / n
 
@@ -224,7 +228,7 @@ def bench_size(n: int, args: argparse.Namespace, queries: np.ndarray, query_labe
                   **memory(copied), **latency_summary(exact_times)},
         "approximate": {"build_s": built.seconds, "kind": approximate.kind, "lists": int(approximate.index.nlist),
                         "nprobe": approximate.nprobe, "tuning_recall_at_10": approximate.recall,
-                        "tuning_queries": approximate.queries, "recall_at_10": recall_at_k(found, truth, K),
+                        "tuning_queries": approximate.queries, "recall_at_10": recall,
                         "recall_at_10_nprobe_1": curve[1],
                         "recall_at_10_by_nprobe": {str(p): r for p, r in curve.items()},
                         "serialized_bytes": serialized, "serialized_mb_per_million": serialized / MB * per_million,

@@ -124,7 +124,8 @@ def run_index(args: argparse.Namespace) -> None:
     for modality, search in manifest["search"].items():
         if search["kind"] != "exact":
             print(f"{modality}: approximate index {search['kind']}, nprobe {search['nprobe']}, recall@10 "
-                  f"{search['recall_at_10']:.3f} against exact search on {search['recall_queries']} queries")
+                  f"{search['recall_at_10']:.3f} against exact search on {search['recall_queries']} queries "
+                  f"(the gallery's images and captions; the lower recall of the two)")
     print(f"search it: conlip-retrieval search --index {args.out} --text \"...\"")
 
 

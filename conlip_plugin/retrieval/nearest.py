@@ -2,7 +2,9 @@
 
 The approximate index follows autofaiss's sizing idea: exact search below ``exact_below`` vectors,
 otherwise an inverted file with about 4·√N lists (a power of two) over float16 codes, whose ``nprobe``
-is raised until recall@10 against exact search reaches the target on a sample of the gallery.
+is raised until recall@10 against exact search reaches the target on a sample of the gallery and,
+when given, a sample of the other modality's vectors (text queries against an image gallery sit
+elsewhere in the space than the images themselves: CLIP's modality gap).
 """
 import math
 from dataclasses import dataclass
@@ -15,6 +17,9 @@ TARGET_RECALL = 0.95
 RECALL_QUERIES = 1000
 TRAIN_POINTS_PER_LIST = 40  # faiss asks for at least 39 per centroid
 KMEANS_ITERATIONS = 20
+# Scores within this of the true k-th score count as found: float32 products of the same vectors
+# differ by about 1e-7, and exact duplicates in a gallery tie exactly.
+TIE_TOLERANCE = 1e-5
 EXACT_BLOCK = 1 << 16
 
 
@@ -50,15 +55,34 @@ def list_count(n: int) -> int:
     return max(1, min(lists, n // TRAIN_POINTS_PER_LIST))
 
 
-def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
-    """Mean fraction of each query's true top-k that ``found``'s top-k contains."""
-    hits = [len(set(f[:k].tolist()) & set(t[:k].tolist())) for f, t in zip(found, truth)]
-    return float(np.mean(hits)) / k
+def recall_at_k(gallery: np.ndarray, queries: np.ndarray, found: np.ndarray, truth_scores: np.ndarray,
+                k: int) -> float:
+    """Mean fraction of each query's true top-k that ``found`` (row ids, -1 for none) recovers, counted
+    by score: a found row whose exact score reaches the true k-th score is a hit. Counting row ids
+    instead would miss rows tied with a true neighbour (duplicate images, repeated captions), which
+    exact search and faiss break differently."""
+    found = np.asarray(found)[:, :k]
+    valid = found >= 0
+    vectors = np.asarray(gallery[np.where(valid, found, 0)], dtype=np.float32)
+    scores = np.einsum("qkd,qd->qk", vectors, np.asarray(queries, dtype=np.float32))
+    hits = valid & (scores >= truth_scores[:, k - 1:k] - TIE_TOLERANCE)
+    return float(hits.sum(axis=1).mean()) / k
 
 
-def _without_self(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
-    """Each row's ids with the query's own row removed, cut to k."""
-    return np.stack([row[row != me][:k] for row, me in zip(ids, own)])
+def _without_self(scores: np.ndarray, ids: np.ndarray, own: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Each row's scores and ids with the query's own row removed, cut to k."""
+    keep = [row != me for row, me in zip(ids, own)]
+    return (np.stack([row[m][:k] for row, m in zip(scores, keep)]),
+            np.stack([row[m][:k] for row, m in zip(ids, keep)]))
+
+
+@dataclass
+class _Probe:
+    """Tuning queries with their exact top-k scores; ``own``: the gallery rows they are, to leave out."""
+
+    queries: np.ndarray
+    truth_scores: np.ndarray
+    own: Optional[np.ndarray]
 
 
 @dataclass
@@ -78,10 +102,13 @@ class ApproximateIndex:
 
 
 def build_approximate(gallery: np.ndarray, target_recall: float = TARGET_RECALL, k: int = 10,
-                      sample: int = RECALL_QUERIES, seed: int = 0, lists: Optional[int] = None) -> ApproximateIndex:
+                      sample: int = RECALL_QUERIES, seed: int = 0, lists: Optional[int] = None,
+                      other_queries: Optional[np.ndarray] = None) -> ApproximateIndex:
     """Train and fill ``IVF{lists},SQfp16`` on the gallery, then the smallest power-of-two nprobe whose
-    recall@k against exact search reaches ``target_recall`` on ``sample`` gallery rows used as
-    queries (each query's own row left out of both result lists)."""
+    recall@k against exact search reaches ``target_recall`` on ``sample`` gallery rows used as queries
+    (each query's own row left out of both result lists) and on ``sample`` rows of ``other_queries``
+    (the other modality's vectors, e.g. captions for an image gallery); the recall reported is the
+    lower of the two."""
     import faiss
 
     n, dim = gallery.shape
@@ -97,13 +124,24 @@ def build_approximate(gallery: np.ndarray, target_recall: float = TARGET_RECALL,
         index.add(np.asarray(gallery[start:start + EXACT_BLOCK * 4], dtype=np.float32))
     own = np.sort(rng.choice(n, size=min(n, sample), replace=False))
     queries = np.asarray(gallery[own], dtype=np.float32)
-    truth = _without_self(exact_search(gallery, queries, k + 1)[1], own, k)
-    nprobe, recall = 1, 0.0
-    while True:
+    probes = [_Probe(queries, _without_self(*exact_search(gallery, queries, k + 1), own, k)[0], own)]
+    if other_queries is not None and len(other_queries):
+        picked = np.sort(rng.choice(len(other_queries), size=min(len(other_queries), sample), replace=False))
+        others = np.asarray(other_queries[picked], dtype=np.float32)
+        probes.append(_Probe(others, exact_search(gallery, others, k)[0], None))
+
+    def recall_at(nprobe: int) -> float:
         index.nprobe = nprobe
-        found = _without_self(index.search(queries, k + 1)[1], own, k)
-        recall = recall_at_k(found, truth, k)
-        if recall >= target_recall or nprobe >= lists:
-            break
+        recalls = []
+        for probe in probes:
+            extra = 0 if probe.own is None else 1
+            scores, ids = index.search(probe.queries, k + extra)
+            if probe.own is not None:
+                ids = _without_self(scores, ids, probe.own, k)[1]
+            recalls.append(recall_at_k(gallery, probe.queries, ids, probe.truth_scores, k))
+        return min(recalls)
+
+    nprobe = 1
+    while (recall := recall_at(nprobe)) < target_recall and nprobe < lists:
         nprobe = min(lists, nprobe * 2)
-    return ApproximateIndex(index, kind, nprobe, recall, len(own), own)
+    return ApproximateIndex(index, kind, nprobe, recall, sum(len(p.queries) for p in probes), own)

@@ -216,7 +216,8 @@ class IndexWriter:
         _save_npy(self.out / "images.npy", images)
         _save_npy(self.out / "captions.npy", captions)
         _save_npy(self.out / "captions.rows.npy", caption_rows.astype(np.int64))
-        search = {m: self._approximate(m, vectors) for m, vectors in (("images", images), ("captions", captions))}
+        search = {"images": self._approximate("images", images, captions),
+                  "captions": self._approximate("captions", captions, images)}
         manifest = {"format": FORMAT, "complete": True, "build": self.settings.as_dict(),
                     "model": self.encoder.identity.as_dict(), "preprocess_cfg": self.encoder.preprocess_cfg,
                     "embed_dim": dim, "counts": {"items": len(records), "captions": int(len(captions)),
@@ -226,19 +227,20 @@ class IndexWriter:
         shutil.rmtree(self.parts, ignore_errors=True)
         return manifest
 
-    def _approximate(self, modality: str, vectors: np.ndarray) -> dict:
-        """Exact search for a small gallery; else a faiss index, saved, with its measured recall."""
+    def _approximate(self, modality: str, vectors: np.ndarray, other: np.ndarray) -> dict:
+        """Exact search for a small gallery; else a faiss index, saved, with its measured recall, tuned on
+        queries of both kinds: the modality's own vectors and the other's (text queries for images)."""
         if len(vectors) < max(self.exact_below, 1):
             return {"kind": "exact"}
         import faiss
 
         _log.info("building the approximate %s index over %d vectors", modality, len(vectors))
-        built = build_approximate(vectors, self.target_recall)
+        built = build_approximate(vectors, self.target_recall, other_queries=other)
         faiss.write_index(built.index, str(self.out / f"{modality}.faiss.tmp"))
         os.replace(self.out / f"{modality}.faiss.tmp", self.out / f"{modality}.faiss")
-        _log.info("approximate %s index %s, nprobe %d: recall@10 %.3f against exact search on %d gallery "
-                  "vectors as queries (own row left out)", modality, built.kind, built.nprobe, built.recall,
-                  built.queries)
+        _log.info("approximate %s index %s, nprobe %d: recall@10 %.3f against exact search on %d queries "
+                  "(gallery images and captions; own row left out)", modality, built.kind, built.nprobe,
+                  built.recall, built.queries)
         return {"kind": built.kind, "nprobe": built.nprobe, "recall_at_10": built.recall,
                 "recall_queries": built.queries}
 
