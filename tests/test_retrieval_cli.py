@@ -165,3 +165,17 @@ def test_kill_9_mid_run_resumes_to_the_uninterrupted_index(setup, run, tmp_path)
     for name in ("images.npy", "captions.npy", "items.jsonl", "skipped.jsonl", "manifest.json"):
         whole, cut = (tmp_path / "whole" / name).read_bytes(), (tmp_path / "cut" / name).read_bytes()
         assert whole == cut, name
+
+
+def test_the_demo_rebuilds_its_index_for_each_run(setup, monkeypatch, tmp_path, capsys):
+    """A second demo run in the same --out has a new model: its index replaces the old one (resuming
+    the old index with another model would be refused and stop the run)."""
+    from conlip_plugin.evaluation import demo
+    from conlip_plugin.retrieval.store import Index
+
+    monkeypatch.setattr(demo, "read_pairs", lambda root: [(f"{n:04d}.png", f"shape {n}") for n in range(5)])
+    for seed in (0, 1):
+        ckpt = retrieval_models.conlip_checkpoint(tmp_path / f"run-{seed}.pt", seed=seed)
+        index = demo.retrieval_index("conlip-tiny", ckpt, setup["data"]["root"] / "images", tmp_path)
+        assert Index(index).identity.pretrained == str(ckpt.resolve())
+        assert Index(index).manifest["counts"]["items"] == 5

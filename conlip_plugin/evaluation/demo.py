@@ -18,6 +18,7 @@ import html
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -242,7 +243,8 @@ def gallery(model_name: str, ckpt: Path, root: Path, report: Path, queries: int 
 
 
 def retrieval_index(model_name: str, ckpt: Path, root: Path, out: Path) -> Path:
-    """The test images with their first captions, indexed by ``conlip-retrieval`` for search and serving."""
+    """The test images with their first captions, indexed by ``conlip-retrieval`` for search and serving;
+    built after the report is written, so a failure here loses none of the results."""
     from ..retrieval.cli import main as retrieval
 
     first_caption: Dict[str, str] = {}
@@ -252,6 +254,7 @@ def retrieval_index(model_name: str, ckpt: Path, root: Path, out: Path) -> Path:
     table.write_text("filepath\ttitle\n" + "".join(f"{(root / name).resolve()}\t{caption}\n"
                                                      for name, caption in sorted(first_caption.items())))
     index = out / "retrieval-index"
+    shutil.rmtree(index, ignore_errors=True)  # the demo's own index, of this run's freshly trained model
     retrieval(["index", "--model", model_name, "--pretrained", str(ckpt), "--images", str(table), "--out", str(index),
                "--no-progress"])
     return index
@@ -314,8 +317,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     plot_losses(curves, report / "losses.png")
     gallery(family, checkpoints[("ConLIP", 0)], data / "test-cross-style", report)
 
-    say("indexing the cross-style test images with the ConLIP model (conlip-retrieval)")
-    index = retrieval_index(family, checkpoints[("ConLIP", 0)], data / "test-cross-style", out)
 
     table = summarise(results, ranks, args.seeds)
     chance = ", ".join(f"{split} {100 / len({f for f, _ in read_pairs(data / folder)}):.2f}"
@@ -335,6 +336,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     (report / "results.json").write_text(json.dumps(results, indent=2))
     print("\n" + text)
     say(f"report written to {report}")
+    say("indexing the cross-style test images with the ConLIP model (conlip-retrieval)")
+    index = retrieval_index(family, checkpoints[("ConLIP", 0)], data / "test-cross-style", out)
     say(f"search the test images in a browser: conlip-retrieval serve --index {index}")
 
 
