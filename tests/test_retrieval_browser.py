@@ -146,6 +146,21 @@ def test_search_page(browser, server, tiny):
         assert [c["row"] for c in _cards(page)] == [r["row"] for r in _api_search(server, "a blue circle")]
         assert page.is_hidden("#error")
 
+        # A query typed while another is in flight: the newer one is sent and shown, the older one's late
+        # answer is not (the page's fetch of 'slow' queries is held back 1.5 s in the browser).
+        page.evaluate("""() => { const fetchNow = window.fetch; window.fetch = async (url, options) => {
+            if (String(url).includes('slow')) { await new Promise((done) => setTimeout(done, 1500)); }
+            return fetchNow(url, options); }; }""")
+        page.fill("#query", "a slow green triangle")
+        page.press("#query", "Enter")
+        page.fill("#query", "a yellow bar")
+        page.press("#query", "Enter")
+        _wait_for_results(page, K, "yellow bar")
+        page.wait_for_timeout(2500)
+        assert "yellow bar" in page.text_content("#status")
+        assert [c["row"] for c in _cards(page)] == [r["row"] for r in _api_search(server, "a yellow bar")]
+        assert page.is_hidden("#error")
+
         page.fill("#query", "   ")
         page.click("#search")
         page.wait_for_selector("#error", state="visible")

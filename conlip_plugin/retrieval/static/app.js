@@ -1,6 +1,7 @@
 "use strict";
-// The search page of conlip-retrieval serve: plain DOM calls against the JSON API, one search at a time.
-// Errors show the API's own {"detail": "..."} message, which says what to change.
+// The search page of conlip-retrieval serve: plain DOM calls against the JSON API. A new search aborts
+// the one in flight, so the grid always answers the latest query. Errors show the API's own
+// {"detail": "..."} message, which says what to change.
 
 const $ = (id) => document.getElementById(id);
 
@@ -26,10 +27,7 @@ function showError(message) {
   box.hidden = !message;
 }
 
-function setBusy(busy) {
-  $("search").disabled = busy;
-  $("upload").disabled = busy;
-}
+let current = null; // the AbortController of the search in flight
 
 function card(result) {
   const item = document.createElement("article");
@@ -69,17 +67,29 @@ function render(data, label, started) {
 }
 
 async function run(label, request) {
+  if (current) {
+    current.abort();
+  }
+  const controller = new AbortController();
+  current = controller;
   showError("");
-  setBusy(true);
+  $("status").textContent = `searching for ${label}…`;
   const started = performance.now();
   try {
-    render(await request(), label, started);
+    const data = await request(controller.signal);
+    if (controller === current) {
+      render(data, label, started);
+    }
   } catch (error) {
-    showError(error.message);
-    $("results").replaceChildren();
-    $("status").textContent = "";
+    if (controller === current) {
+      showError(error.message);
+      $("results").replaceChildren();
+      $("status").textContent = "";
+    }
   } finally {
-    setBusy(false);
+    if (controller === current) {
+      current = null;
+    }
   }
 }
 
@@ -99,7 +109,7 @@ function searchText() {
   const text = $("query").value;
   showQueryImage(null);
   const params = new URLSearchParams({ text, k: $("k").value, against: $("against").value });
-  return run(`“${text}”`, () => api(`/api/search?${params}`));
+  return run(`“${text}”`, (signal) => api(`/api/search?${params}`, { signal }));
 }
 
 function searchImage(file) {
@@ -108,7 +118,7 @@ function searchImage(file) {
   form.append("file", file);
   form.append("k", $("k").value);
   form.append("against", $("against").value);
-  return run(`the image ${file.name}`, () => api("/api/search/image", { method: "POST", body: form }));
+  return run(`the image ${file.name}`, (signal) => api("/api/search/image", { method: "POST", body: form, signal }));
 }
 
 async function showInfo() {
