@@ -84,23 +84,17 @@ class TinyIndex:
     data: dict
     encoder: object
 
-    @property
-    def model(self) -> str:
-        return "conlip-tiny"
 
-
-def build_tiny_index(root: Path, seed: int = 0, source: str = "csv") -> TinyIndex:
-    """Write the shapes set and a checkpoint under ``root`` and index the set (``source``: "csv" for
-    the PNG files, "shard" for the webdataset shard) into ``root/index``."""
+def build_tiny_index(root: Path) -> TinyIndex:
+    """Write the shapes set and a conlip-tiny checkpoint under ``root`` and index the set's PNG files
+    (through its CSV) into ``root/index``."""
     from conlip_plugin.retrieval.encoder import Encoder
     from conlip_plugin.retrieval.sources import gallery_items
     from conlip_plugin.retrieval.store import IndexWriter
 
     data = shapes_data.write(root / "data")
-    checkpoint = conlip_checkpoint(root / "tiny.pt", seed)
+    checkpoint = conlip_checkpoint(root / "tiny.pt")
     encoder = Encoder("conlip-tiny", str(checkpoint), "cpu")
-    items = (gallery_items(str(data["csv"]), "filepath", "title", ",") if source == "csv"
-             else gallery_items(str(data["shard"])))
-    gallery = str(data["csv"] if source == "csv" else data["shard"])
-    IndexWriter(root / "index", encoder, gallery, workers=0, progress=False).run(items)
+    items = gallery_items(str(data["csv"]), "filepath", "title", ",")
+    IndexWriter(root / "index", encoder, str(data["csv"]), workers=0, progress=False).run(items)
     return TinyIndex(root / "index", checkpoint, data, encoder)

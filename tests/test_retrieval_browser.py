@@ -1,5 +1,6 @@
 """The search page in a real browser: ``conlip-retrieval serve`` as a subprocess, driven by Playwright
-with Debian's Chromium. Leaves a screenshot in $CONLIP_TEST_ARTIFACTS (default: test-artifacts/)."""
+with Debian's Chromium (else Playwright's own, if ``playwright install chromium`` fetched it). Leaves a
+screenshot in $CONLIP_TEST_ARTIFACTS (default: test-artifacts/)."""
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -30,12 +32,9 @@ def _missing(reason: str) -> None:
     pytest.skip(reason)
 
 
-def _chromium() -> str:
-    found = next((p for p in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser"))
-                  if p and Path(p).is_file()), None)
-    if found is None:
-        _missing("no Chromium executable; install it with apt-get install chromium")
-    return found
+def _system_chromium() -> Optional[str]:
+    return next((p for p in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser"))
+                 if p and Path(p).is_file()), None)
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +42,13 @@ def browser():
     try:
         from playwright import sync_api
     except ImportError:
-        _missing("Playwright is missing; install it with pip install 'conlip-plugin[retrieval]'")
-    executable = _chromium()
+        _missing("Playwright is missing; install it with pip install 'conlip-plugin[test]'")
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            browser = playwright.chromium.launch(executable_path=_system_chromium(), args=CHROMIUM_ARGS)
+        except sync_api.Error as err:
+            _missing(f"no Chromium to drive ({str(err).splitlines()[0]}); install one with apt-get install "
+                     f"chromium, or python -m playwright install chromium")
         yield browser
         browser.close()
 
