@@ -100,7 +100,11 @@ def _api_search(url: str, text: str) -> list:
 
 
 def _wait_for_results(page, count: int, status_words: str) -> None:
+    """Until the page has rendered ``count`` results of the query named by ``status_words``. While a search
+    is in flight the status already names its query ("searching for ...") and the grid still holds the
+    previous query's results, so only the finished status ("N results for ...") says the grid is new."""
     page.wait_for_function("([n, words]) => document.querySelectorAll('#results .result').length === n"
+                           " && document.getElementById('status').textContent.startsWith(`${n} results for `)"
                            " && document.getElementById('status').textContent.includes(words)",
                            arg=[count, status_words], timeout=30_000)
     page.wait_for_function("() => [...document.querySelectorAll('#results .result img')]"
