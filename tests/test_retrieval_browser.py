@@ -159,10 +159,13 @@ def test_search_page(browser, server, tiny):
             return fetchNow(url, options); }; }""")
         page.fill("#query", "a slow green triangle")
         page.press("#query", "Enter")
+        assert page.get_attribute("#results", "aria-busy") == "true"
         page.fill("#query", "a yellow bar")
         page.press("#query", "Enter")
         _wait_for_results(page, K, "yellow bar")
+        assert page.get_attribute("#results", "aria-busy") is None
         page.wait_for_timeout(2500)
+        assert page.get_attribute("#results", "aria-busy") is None
         assert "yellow bar" in page.text_content("#status")
         assert [c["row"] for c in _cards(page)] == [r["row"] for r in _api_search(server, "a yellow bar")]
         assert page.is_hidden("#error")

@@ -1,6 +1,7 @@
 "use strict";
 // The search page of conlip-retrieval serve: plain DOM calls against the JSON API. A new search aborts
-// the one in flight, so the grid always answers the latest query. Errors show the API's own
+// the one in flight, so the grid always answers the latest query; while one is in flight the grid still
+// shows the previous answer, dimmed and marked aria-busy. Errors show the API's own
 // {"detail": "..."} message, which says what to change.
 
 const $ = (id) => document.getElementById(id);
@@ -74,6 +75,7 @@ async function run(label, request) {
   current = controller;
   showError("");
   $("status").textContent = `searching for ${label}…`;
+  $("results").setAttribute("aria-busy", "true");
   const started = performance.now();
   try {
     const data = await request(controller.signal);
@@ -89,6 +91,7 @@ async function run(label, request) {
   } finally {
     if (controller === current) {
       current = null;
+      $("results").removeAttribute("aria-busy");
     }
   }
 }
