@@ -317,7 +317,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     plot_losses(curves, report / "losses.png")
     gallery(family, checkpoints[("ConLIP", 0)], data / "test-cross-style", report)
 
-
     table = summarise(results, ranks, args.seeds)
     chance = ", ".join(f"{split} {100 / len({f for f, _ in read_pairs(data / folder)}):.2f}"
                        for split, folder in SPLITS)
