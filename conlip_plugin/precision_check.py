@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .activation import CONFIGS_ENV
-from .arguments import non_negative_int, positive_int
+from .arguments import non_negative_int, positive_int, torch_device
 from .monitor import HealthMonitor, parse_health_line
 
 # create_loss builds the monitor with its default check_every: a health line every this many steps.
@@ -54,7 +54,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=1000,
                         help=f"optimizer steps per run; a multiple of {HEALTH_EVERY}, the health line's interval")
     parser.add_argument("--batch-size", type=positive_int, default=128)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="a GPU: the check is about fp16/bf16 there (the CPU only for a --size tiny trial)")
     parser.add_argument("--workers", type=non_negative_int, default=4)
     parser.add_argument("--out", type=Path, default=Path("precision-check"))
     parser.add_argument("--log-every", type=positive_int, default=100, help="open_clip's --log-every-n-steps")
@@ -64,9 +65,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     if args.steps <= 0 or args.steps % HEALTH_EVERY:
         parser.error(f"--steps must be a positive multiple of {HEALTH_EVERY}: the monitor's counters "
                      f"are only logged every {HEALTH_EVERY} steps, so later steps would go unreported")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda, but torch sees no CUDA device here (open_clip_train would quietly train on "
-                     "the CPU for hours); run it on a GPU machine, or pass --device cpu --size tiny")
+    if args.size == "paper" and torch.device(args.device).type == "cpu":
+        parser.error("--size paper on the CPU would train the paper-size towers for hours (and the check is about "
+                     "fp16/bf16 on a GPU); run it on a GPU machine, or pass --size tiny for a CPU trial")
     return args
 
 

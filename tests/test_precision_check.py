@@ -49,6 +49,15 @@ def test_cuda_asked_without_a_gpu_is_refused_before_training(tmp_path, monkeypat
     assert "torch sees no CUDA device" in capsys.readouterr().err
 
 
+def test_the_paper_size_on_the_cpu_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """The default size is the paper's: on a machine without a GPU, the default device (cpu) must not
+    start hours of training."""
+    monkeypatch.setattr(precision_check, "register_model", lambda *args: pytest.fail("a model was built"))
+    with pytest.raises(SystemExit):
+        precision_check.main(["--device", "cpu", "--out", str(tmp_path)])
+    assert "--size paper on the CPU would train" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_tiny_fp32_run_through_the_stock_cli(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -71,10 +80,15 @@ def test_a_failed_run_and_a_non_finite_loss_term_fail_the_check_after_the_table(
         return {"precision": precision, "step": 50, "skipped": 1, "nonfinite": {"dcl_loss": 0, "conmlm_loss": 2},
                 "max_loss": 30.0, "samples_per_s": 10.0, "wall_s": 1.0}
 
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(precision_check, "device_name", lambda device: "a GPU")
     monkeypatch.setattr(precision_check, "register_model", lambda size, tokenizer_dir, workdir: "fake")
     monkeypatch.setattr(precision_check, "train", fake_train)
     with pytest.raises(SystemExit) as exit_info:
-        precision_check.main(["--steps", "50", "--device", "cpu", "--out", str(tmp_path)])
+        precision_check.main(["--steps", "50", "--device", "cuda", "--out", str(tmp_path)])
     message = str(exit_info.value.code)
     assert "the amp run exited 1; see amp.log" in message and "amp_bf16 conmlm_loss=2" in message
     table = (tmp_path / "precision.md").read_text()

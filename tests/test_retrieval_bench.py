@@ -94,7 +94,13 @@ def test_recall_matches_an_independent_float64_search(report):
 
 @pytest.mark.parametrize("argv, says", [(["--queries", "0"], "argument --queries: must be at least 1"),
                                          (["--sizes", "0"], "argument --sizes: must be at least 1"),
-                                         (["--target-recall", "2"], "argument --target-recall: must be")])
+                                         (["--target-recall", "2"], "argument --target-recall: must be"),
+                                         (["--sizes", "10"], "argument --sizes: must be more than k=10"),
+                                         (["--seed", "-1"], "argument --seed: must be 0 or more"),
+                                         (["--noise", "nan"], "argument --noise: must be more than 0"),
+                                         (["--noise", "-1"], "argument --noise: must be more than 0"),
+                                         (["--device", "gpu"], "argument --device: 'gpu' is not a torch device"),
+                                         (["--skip-embedding", "--sizes"], "leaves nothing to measure")])
 def test_bad_values_stop_at_parsing_naming_the_flag(capsys, argv, says):
     with pytest.raises(SystemExit):
         benchmark.main(argv)
@@ -105,6 +111,7 @@ def test_cuda_asked_without_a_gpu_is_refused_before_any_model_is_built(capsys, m
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit):
-        benchmark.main(["--device", "cuda", "--sizes"])
-    assert "torch sees no CUDA device" in capsys.readouterr().err
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(SystemExit):
+            benchmark.main(["--device", device, "--sizes"])
+        assert f"{device}, but torch sees no CUDA device" in capsys.readouterr().err

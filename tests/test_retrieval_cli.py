@@ -123,6 +123,18 @@ def test_bad_flag_values_stop_at_parsing_naming_the_flag(capsys, flag, value, sa
     assert f"argument {flag}: must be" in error and says in error
 
 
+@pytest.mark.parametrize("argv", [["index", "--model", "m", "--images", "x", "--out", "y"], ["search", "--index", "x"],
+                                  ["serve", "--index", "x"]])
+def test_a_device_that_is_not_there_stops_at_parsing(capsys, monkeypatch, argv):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, says in (("gpu", "'gpu' is not a torch device"), ("cuda:1", "cuda:1, but torch sees no CUDA device")):
+        with pytest.raises(SystemExit):
+            cli.main([*argv, "--device", device])
+        assert f"argument --device: {says}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("port", ["70000", "-1"])
 def test_serve_port_outside_the_tcp_range_stops_at_parsing(capsys, port):
     with pytest.raises(SystemExit):

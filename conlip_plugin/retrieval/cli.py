@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..arguments import fraction, non_negative_int, port_number, positive_float, positive_int
+from ..arguments import fraction, non_negative_int, port_number, positive_float, positive_int, torch_device
 from ..data.files import fail
 from .encoder import Encoder, ModelIdentity, UnreadableImage, loader_workers
 from .nearest import EXACT_BELOW, TARGET_RECALL
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="galleries smaller than this are searched exactly; larger ones get a faiss index")
     index.add_argument("--target-recall", type=fraction, default=TARGET_RECALL,
                        help="recall@10 against exact search the faiss index is tuned to reach")
-    index.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
+    index.add_argument("--device", type=torch_device, default=None, help="default: cuda when there is one, else cpu")
     index.add_argument("--no-progress", action="store_true")
 
     search = verbs.add_parser("search", help="the best matches of a text or an image")
@@ -76,7 +76,8 @@ def add_model_override(parser: argparse.ArgumentParser) -> None:
                                                       "(default: the model recorded in the index)")
     parser.add_argument("--pretrained", default=None, help="the weights (alone: the index's model with these "
                                                            "weights, e.g. after the checkpoint moved)")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", type=torch_device, default=None,
+                        help="for query embedding; default: cuda when there is one, else cpu")
 
 
 def query_encoder(index: Index, model: Optional[str], pretrained: Optional[str], device: Optional[str]) -> Encoder:
