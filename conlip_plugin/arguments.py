@@ -1,5 +1,6 @@
 """argparse types the console commands share: a bad value stops at parsing with the flag named."""
 import argparse
+import math
 
 
 def positive_int(text: str) -> int:
@@ -18,9 +19,10 @@ def non_negative_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
+    """A finite amount more than 0 (nan and inf are refused)."""
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number more than 0, got {text}")
     return value
 
 

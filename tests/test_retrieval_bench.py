@@ -97,8 +97,8 @@ def test_recall_matches_an_independent_float64_search(report):
                                          (["--target-recall", "2"], "argument --target-recall: must be"),
                                          (["--sizes", "10"], "argument --sizes: must be more than k=10"),
                                          (["--seed", "-1"], "argument --seed: must be 0 or more"),
-                                         (["--noise", "nan"], "argument --noise: must be more than 0"),
-                                         (["--noise", "-1"], "argument --noise: must be more than 0"),
+                                         (["--noise", "nan"], "argument --noise: must be a finite number more than 0"),
+                                         (["--noise", "inf"], "argument --noise: must be a finite number more than 0"),
                                          (["--device", "gpu"], "argument --device: 'gpu' is not a torch device"),
                                          (["--skip-embedding", "--sizes"], "leaves nothing to measure")])
 def test_bad_values_stop_at_parsing_naming_the_flag(capsys, argv, says):

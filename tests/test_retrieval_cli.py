@@ -1,6 +1,8 @@
 """The conlip-retrieval command on each kind of model: a ConLIP checkpoint, its exported folder, a
 ``BASE+conlip`` checkpoint and a plain open_clip model; a query model other than the index's is refused;
 kill -9 mid-run resumes."""
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -37,12 +39,23 @@ def model_args(model: str, pretrained: str) -> list:
 KINDS = ["conlip checkpoint", "exported folder", "BASE+conlip checkpoint", "plain open_clip"]
 
 
+@pytest.fixture(scope="module")
+def indexed(setup) -> dict:
+    """kind -> (index folder, what ``index`` printed): the shapes shard indexed once per kind of model."""
+    built = {}
+    for kind in KINDS:
+        model, pretrained = setup["kinds"][kind]
+        out = setup["root"] / kind.replace(" ", "-")
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            cli.main([str(a) for a in ("index", *model_args(model, pretrained), "--images", setup["data"]["shard"],
+                                       "--out", out, "--workers", "0", "--no-progress")])
+        built[kind] = (out, printed.getvalue())
+    return built
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_index_and_search_each_kind_of_model(setup, capsys, kind):
-    model, pretrained = setup["kinds"][kind]
-    out = setup["root"] / kind.replace(" ", "-")
-    printed = conlip_retrieval(capsys, "index", *model_args(model, pretrained), "--images", setup["data"]["shard"],
-                               "--out", out, "--workers", "0", "--no-progress")
+def test_index_and_search_each_kind_of_model(setup, indexed, capsys, kind):
+    out, printed = indexed[kind]
     assert "indexed 30 images (30 with captions)" in printed
     results = json.loads(conlip_retrieval(capsys, "search", "--index", out, "--text", "a red circle", "--k", "4",
                                           "--json"))
@@ -62,17 +75,14 @@ def test_index_and_search_each_kind_of_model(setup, capsys, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_serve_answers_for_each_kind_of_model(setup, kind):
-    """The app ``serve`` runs, over the index the test above built, with the encoder the CLI picks."""
+def test_serve_answers_for_each_kind_of_model(setup, indexed, kind):
+    """The app ``serve`` runs, over each kind's index, with the encoder the CLI picks."""
     from fastapi.testclient import TestClient
 
     from conlip_plugin.retrieval.server import create_app
     from conlip_plugin.retrieval.store import Index
 
-    out = setup["root"] / kind.replace(" ", "-")
-    if not out.exists():
-        pytest.skip("needs the index test of this kind first")
-    index = Index(out)
+    index = Index(indexed[kind][0])
     client = TestClient(create_app(index, cli.query_encoder(index, None, None, "cpu"), 1 << 20))
     answer = client.get("/api/search", params={"text": "a blue bar", "k": 3})
     assert answer.status_code == 200, answer.text
@@ -83,11 +93,8 @@ def test_serve_answers_for_each_kind_of_model(setup, kind):
     assert client.get(f"/api/items/{found.json()['results'][0]['row']}/image").content == image
 
 
-def test_the_export_embeds_as_the_checkpoint_it_came_from(setup):
-    kinds = ("conlip checkpoint", "exported folder")
-    if any(not (setup["root"] / kind.replace(" ", "-")).exists() for kind in kinds):
-        pytest.skip("needs the index test of both kinds first")
-    stored = {kind: np.load(setup["root"] / kind.replace(" ", "-") / "images.npy") for kind in kinds}
+def test_the_export_embeds_as_the_checkpoint_it_came_from(indexed):
+    stored = {kind: np.load(indexed[kind][0] / "images.npy") for kind in ("conlip checkpoint", "exported folder")}
     np.testing.assert_allclose(stored["conlip checkpoint"].astype(np.float32),
                                stored["exported folder"].astype(np.float32), atol=2e-3)
 

@@ -10,6 +10,7 @@ SRC is a folder of images (a sidecar NAME.txt is an image's caption), a CSV/TSV 
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -17,11 +18,12 @@ from typing import List, Optional
 import numpy as np
 
 from ..arguments import fraction, non_negative_int, port_number, positive_float, positive_int, torch_device
-from ..data.files import fail
+from ..data.files import fail, listing
 from .encoder import Encoder, ModelIdentity, UnreadableImage, loader_workers
-from .nearest import EXACT_BELOW, TARGET_RECALL
+from .extras import require
+from .nearest import EXACT_BELOW, RECALL_K, TARGET_RECALL
 from .sources import gallery_items, is_shard_pattern
-from .store import MODALITIES, Index, IndexWriter
+from .store import MODALITIES, Index, IndexWriter, NoCaptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--images", required=True, help="folder, CSV/TSV, or .tar shard pattern")
     index.add_argument("--out", required=True, type=Path, help="index folder to write")
     index.add_argument("--csv-img-key", default="filepath")
-    index.add_argument("--csv-caption-key", default="title")
+    index.add_argument("--csv-caption-key", default=None,
+                       help="caption column (default: title when the CSV has one, else no captions)")
     index.add_argument("--csv-separator", default="\t", help="as open_clip_train: a tab unless given")
     index.add_argument("--batch-size", type=positive_int, default=64)
     index.add_argument("--workers", type=non_negative_int, default=None,
@@ -87,6 +90,10 @@ def query_encoder(index: Index, model: Optional[str], pretrained: Optional[str],
         if recorded.pretrained and Path(recorded.pretrained).suffix and not Path(recorded.pretrained).exists():
             fail(f"{index.path} was built with {recorded.describe()}, and {recorded.pretrained} is gone; "
                  f"pass --pretrained (and --model) naming the same weights where they are now.")
+        folder = recorded.model[len("local-dir:"):] if recorded.model.startswith("local-dir:") else None
+        if folder and not Path(folder).is_dir():
+            fail(f"{index.path} was built with {recorded.describe()}, and the folder {folder} is gone; pass "
+                 f"--model local-dir:FOLDER naming the exported folder where it is now.")
         model, pretrained = recorded.model, recorded.pretrained
     model = model or recorded.model  # --pretrained alone: the index's architecture with those weights
     asked = ModelIdentity.of(model, pretrained)
@@ -106,10 +113,26 @@ def show(results: List[dict], as_json: bool) -> None:
         print(f"{r['rank']:>3}  {r['score']:.4f}  {where}" + (f"  {r['caption']}" if r.get("caption") else ""))
 
 
+def check_out(out: Path) -> None:
+    """``--out`` must be a folder this process can create or write, found before the model loads."""
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; pass a folder for the index (new, empty, or a stopped run's).")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        fail(f"--out {out} cannot be created ({err.strerror or err}); pass a folder in a writable place.")
+    if not os.access(out, os.W_OK):
+        fail(f"--out {out} is not writable; pass a folder in a writable place.")
+
+
 def run_index(args: argparse.Namespace) -> None:
-    encoder = Encoder(args.model, args.pretrained, args.device)
+    check_out(args.out)
     items = gallery_items(args.images, args.csv_img_key, args.csv_caption_key, args.csv_separator)
-    items = items if is_shard_pattern(args.images) else list(items)
+    items = items if is_shard_pattern(args.images) else list(items)  # a CSV's or folder's errors come first
+    if isinstance(items, list) and len(items) >= max(args.exact_below, RECALL_K + 1):
+        require("faiss", f"indexing {len(items):,} images (an approximate index from --exact-below "
+                         f"{args.exact_below:,} on)", then="; or pass a larger --exact-below for exact search")
+    encoder = Encoder(args.model, args.pretrained, args.device)
     writer = IndexWriter(args.out, encoder, args.images, chunk_size=args.chunk_size, batch_size=args.batch_size,
                          workers=loader_workers(args.workers), exact_below=args.exact_below,
                          target_recall=args.target_recall, progress=not args.no_progress)
@@ -119,9 +142,8 @@ def run_index(args: argparse.Namespace) -> None:
           f"{encoder.identity.describe()} into {args.out}")
     if counts["skipped"]:
         skipped = [json.loads(line) for line in (args.out / "skipped.jsonl").read_text().splitlines()]
-        named = "; ".join(f"{s['key']} ({s['reason']})" for s in skipped[:5])
-        print(f"skipped {counts['skipped']} unreadable item(s): {named}"
-              + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "") + f"; all in {args.out}/skipped.jsonl")
+        named = listing([f"{entry['key']} ({entry['reason']})" for entry in skipped])
+        print(f"skipped {counts['skipped']} unreadable item(s): {named}; all in {args.out}/skipped.jsonl")
     for modality, search in manifest["search"].items():
         if search["kind"] != "exact":
             print(f"{modality}: approximate index {search['kind']}, nprobe {search['nprobe']}, recall@10 "
@@ -146,10 +168,16 @@ def run_search(args: argparse.Namespace) -> None:
             fail(f"--image {args.image} cannot be read ({err.strerror or err}); pass an image file.")
         except UnreadableImage as err:
             fail(f"--image {args.image} is not an image PIL can read ({err}).")
-    show(index.search(query.numpy().astype(np.float32), args.against, args.k), args.json)
+    try:
+        results = index.search(query.numpy().astype(np.float32), args.against, args.k)
+    except NoCaptions as err:
+        fail(f"{err} (--against images).")
+    show(results, args.json)
 
 
 def run_serve(args: argparse.Namespace) -> None:
+    for module in ("fastapi", "uvicorn", "python_multipart"):
+        require(module, "conlip-retrieval serve")
     from .server import serve
 
     index = Index(args.index)

@@ -15,6 +15,7 @@ import numpy as np
 EXACT_BELOW = 100_000
 TARGET_RECALL = 0.95
 RECALL_QUERIES = 1000
+RECALL_K = 10  # the approximate index is tuned to, and reports, recall@10
 TRAIN_POINTS_PER_LIST = 40  # faiss asks for at least 39 per centroid
 KMEANS_ITERATIONS = 20
 # Scores within this of the true k-th score count as found: float32 products of the same vectors
@@ -101,7 +102,7 @@ class ApproximateIndex:
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
 
-def build_approximate(gallery: np.ndarray, target_recall: float = TARGET_RECALL, k: int = 10,
+def build_approximate(gallery: np.ndarray, target_recall: float = TARGET_RECALL, k: int = RECALL_K,
                       sample: int = RECALL_QUERIES, seed: int = 0, lists: Optional[int] = None,
                       other_queries: Optional[np.ndarray] = None) -> ApproximateIndex:
     """Train and fill ``IVF{lists},SQfp16`` on the gallery, then the smallest power-of-two nprobe whose
@@ -112,6 +113,8 @@ def build_approximate(gallery: np.ndarray, target_recall: float = TARGET_RECALL,
     import faiss
 
     n, dim = gallery.shape
+    if n <= k:
+        raise ValueError(f"{n} vectors: tuning recall@{k} needs more than {k} (search them exactly)")
     lists = lists or list_count(n)
     kind = f"IVF{lists},SQfp16"
     index = faiss.index_factory(dim, kind, faiss.METRIC_INNER_PRODUCT)

@@ -7,12 +7,15 @@ here, so enumerating a million items costs only their metadata.
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 import braceexpand
 
 from ..data.files import fail, normalize_caption
-from ..data.shards import IMAGE_EXTENSIONS, tar_samples
+from ..data.shards import tar_samples
+from ..sample_errors import IMAGE_EXTENSIONS
+
+DEFAULT_CAPTION_KEY = "title"  # open_clip_train's --csv-caption-key default
 
 FOLDER_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -67,7 +70,8 @@ def folder_items(root: Path) -> Iterator[Item]:
 
 def csv_items(csv_path: Path, img_key: str, caption_key: Optional[str], separator: str) -> Iterator[Item]:
     """Rows of a CSV as open_clip_train reads it (pandas, ``--csv-separator``); relative image paths are
-    taken from the working directory, as open_clip does, else from the CSV's folder."""
+    taken from the working directory, as open_clip does, else from the CSV's folder. Captions come from
+    ``caption_key``, which must exist, or (None) from a ``title`` column if there is one."""
     import pandas as pd
 
     try:
@@ -77,7 +81,12 @@ def csv_items(csv_path: Path, img_key: str, caption_key: Optional[str], separato
     if img_key not in frame.columns:
         fail(f"{csv_path} has no column {img_key!r} (columns: {list(frame.columns)}); pass --csv-img-key "
              f"(and --csv-separator if the header was not split: open_clip's default separator is a tab).")
-    captions = frame[caption_key].tolist() if caption_key and caption_key in frame.columns else [None] * len(frame)
+    if caption_key is None:
+        caption_key = DEFAULT_CAPTION_KEY if DEFAULT_CAPTION_KEY in frame.columns else None
+    elif caption_key not in frame.columns:
+        fail(f"{csv_path} has no caption column {caption_key!r} (columns: {list(frame.columns)}); pass the "
+             f"caption column as --csv-caption-key, or leave the flag out to index the images without captions.")
+    captions = frame[caption_key].tolist() if caption_key else [None] * len(frame)
     for name, caption in zip(frame[img_key].tolist(), captions):
         path = Path(name)
         if not path.is_absolute() and not path.exists() and (csv_path.parent / path).exists():
@@ -86,10 +95,20 @@ def csv_items(csv_path: Path, img_key: str, caption_key: Optional[str], separato
 
 
 def shard_items(pattern: str) -> Iterator[Item]:
-    """Samples of webdataset shards (a braceexpand pattern), grouped as open_clip_train groups them:
-    the first image member is the image, ``txt`` the caption. A missing shard, or the rest of one cut
-    short, becomes one item with its ``problem``: img2dataset output often has such gaps."""
-    for shard in braceexpand.braceexpand(pattern):
+    """Samples of webdataset shards (a braceexpand pattern, expanded here so that a malformed one stops
+    the command at once), grouped as open_clip_train groups them: the image is the first of its image
+    extensions present (jpg, png, jpeg, webp), ``txt`` the caption. A missing shard, or the rest of one
+    cut short, becomes one item with its ``problem``: img2dataset output often has such gaps."""
+    try:
+        shards = list(braceexpand.braceexpand(pattern))
+    except braceexpand.UnbalancedBracesError as err:
+        fail(f"--images {pattern!r} is not a valid shard pattern ({err}); write ranges as "
+             f"data/{{000000..000099}}.tar.")
+    return _shard_samples(shards)
+
+
+def _shard_samples(shards: List[str]) -> Iterator[Item]:
+    for shard in shards:
         path = Path(shard)
         if not path.is_file():
             yield Item(key=path.name, shard=str(path), problem="shard not found")
@@ -134,7 +153,7 @@ def is_shard_pattern(source: str) -> bool:
     return source.endswith(".tar") or "{" in source
 
 
-def gallery_items(source: str, csv_img_key: str = "filepath", csv_caption_key: Optional[str] = "title",
+def gallery_items(source: str, csv_img_key: str = "filepath", csv_caption_key: Optional[str] = None,
                   csv_separator: str = "\t") -> Iterator[Item]:
     """The items of ``source``: a folder, a ``.csv``/``.tsv`` file, or a ``.tar`` shard pattern."""
     path = Path(source)

@@ -20,7 +20,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, NoReturn, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -28,10 +28,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.files import fail, listing, write_atomic
 from .encoder import Encoder, ModelIdentity, UnreadableImage, decode_image
-from .nearest import EXACT_BELOW, TARGET_RECALL, ApproximateIndex, build_approximate, exact_search
+from .extras import require
+from .nearest import (EXACT_BELOW, RECALL_K, TARGET_RECALL, ApproximateIndex, build_approximate,
+                      exact_search)
 from .sources import Item
 
 FORMAT = 1
+T = TypeVar("T")
 MODALITIES = ("images", "captions")
 RESULT_FIELDS = ("key", "path", "shard", "caption")
 _log = logging.getLogger("conlip_plugin.retrieval")
@@ -105,11 +108,13 @@ class IndexWriter:
         self.parts = self.out / "parts"
 
     def _start(self) -> int:
-        """Chunks already finished (0 for a new index); refuses an index of other settings."""
+        """Chunks already finished (0 for a new index); refuses an index of other settings, unless its run
+        stopped before finishing a chunk (then this run starts it over)."""
         manifest_path = self.out / "manifest.json"
         if manifest_path.is_file():
             manifest = json.loads(manifest_path.read_text())
-            if manifest.get("build") != self.settings.as_dict():
+            unstarted = not manifest.get("complete") and not (self.parts / f"{0:06d}.npz").is_file()
+            if manifest.get("build") != self.settings.as_dict() and not unstarted:
                 old = manifest.get("build", {})
                 fail(f"{self.out} holds an index of {old.get('source')!r} with "
                      f"{ModelIdentity(**old['model']).describe() if old.get('model') else 'another model'}, "
@@ -160,6 +165,9 @@ class IndexWriter:
         """Refuse to resume when finished chunk ``number`` no longer lists the same items."""
         with np.load(self.parts / f"{number:06d}.npz") as part:
             digest = part["items_digest"].tobytes().decode() if "items_digest" in part.files else None
+        if digest is None:
+            fail(f"{self.out} is a stopped run of an older conlip-plugin, whose chunks cannot be checked against "
+                 f"the source; delete {self.out} and index again.")
         size = self.settings.chunk_size
         if digest != _items_digest(items):
             where = f"from {items[0].key!r}" if items else "past the end of the source"
@@ -230,9 +238,11 @@ class IndexWriter:
     def _approximate(self, modality: str, vectors: np.ndarray, other: np.ndarray) -> dict:
         """Exact search for a small gallery; else a faiss index, saved, with its measured recall, tuned on
         queries of both kinds: the modality's own vectors and the other's (text queries for images)."""
-        if len(vectors) < max(self.exact_below, 1):
+        if len(vectors) < self.exact_below or len(vectors) <= RECALL_K:  # too few to tune recall@10 on
             return {"kind": "exact"}
-        import faiss
+        faiss = require("faiss", f"the approximate {modality} index ({len(vectors):,} vectors, --exact-below "
+                                 f"{self.exact_below:,})", then="; then run the same command again: the "
+                                 "embeddings are saved, only this last step reruns")
 
         _log.info("building the approximate %s index over %d vectors", modality, len(vectors))
         built = build_approximate(vectors, self.target_recall, other_queries=other)
@@ -245,6 +255,10 @@ class IndexWriter:
                 "recall_queries": built.queries}
 
 
+class NoCaptions(LookupError):
+    """A search against the captions of an index whose gallery had none."""
+
+
 class Index:
     """A finished index, read for searching: float32 vectors in memory, faiss indexes where built."""
 
@@ -253,33 +267,56 @@ class Index:
         manifest_path = self.path / "manifest.json"
         if not manifest_path.is_file():
             fail(f"{self.path} is not an index (no manifest.json); build one with conlip-retrieval index.")
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = self._read("manifest.json", lambda p: json.loads(p.read_text()))
         if self.manifest.get("format") != FORMAT:
             fail(f"{self.path} is an index of format {self.manifest.get('format')}; this conlip-plugin reads "
                  f"format {FORMAT}. Rebuild it with conlip-retrieval index.")
         if not self.manifest.get("complete"):
             fail(f"{self.path} is unfinished (its index run was stopped); run the same conlip-retrieval index "
                  f"command again to finish it.")
-        self.identity = ModelIdentity(**self.manifest["model"])
-        self.items = [json.loads(line) for line in (self.path / "items.jsonl").read_text().splitlines()]
-        self.skipped = [json.loads(line) for line in (self.path / "skipped.jsonl").read_text().splitlines()]
+        try:
+            self.identity = ModelIdentity(**self.manifest["model"])
+            dim, search = int(self.manifest["embed_dim"]), {m: self.manifest["search"][m] for m in MODALITIES}
+        except (KeyError, TypeError, ValueError) as err:
+            self._damaged(f"manifest.json has a missing or malformed field ({err!r})")
+        self.items = self._read("items.jsonl", lambda p: [json.loads(line) for line in p.read_text().splitlines()])
         self.rows: Dict[str, np.ndarray] = {"images": np.arange(len(self.items)),
-                                            "captions": np.load(self.path / "captions.rows.npy")}
+                                            "captions": self._read("captions.rows.npy", np.load)}
         self.vectors: Dict[str, Optional[np.ndarray]] = {}
         self.approximate: Dict[str, Optional[ApproximateIndex]] = {}
         for modality in MODALITIES:
-            settings = self.manifest["search"][modality]
+            settings = search[modality]
             if settings["kind"] == "exact":  # float32 once, so each query is one matrix product
-                self.vectors[modality] = np.load(self.path / f"{modality}.npy").astype(np.float32)
-                self.approximate[modality] = None
-                continue
-            import faiss
+                vectors = self._read(f"{modality}.npy", lambda p: np.load(p).astype(np.float32))
+                self.vectors[modality], self.approximate[modality] = vectors, None
+                count, width = vectors.shape if vectors.ndim == 2 else (len(vectors), None)
+            else:
+                faiss = require("faiss", f"searching {self.path} (its {modality} have a faiss index)")
+                ann = self._read(f"{modality}.faiss", lambda p: faiss.read_index(str(p)))
+                self.vectors[modality] = None
+                self.approximate[modality] = ApproximateIndex(ann, settings["kind"], settings["nprobe"],
+                                                              settings["recall_at_10"], settings["recall_queries"])
+                count, width = ann.ntotal, ann.d
+            if count != len(self.rows[modality]) or width != dim:
+                listed = "items.jsonl" if modality == "images" else "captions.rows.npy"
+                self._damaged(f"{modality}.{'npy' if settings['kind'] == 'exact' else 'faiss'} holds {count} "
+                              f"vectors of {width} dimensions, where {listed} and the manifest call for "
+                              f"{len(self.rows[modality])} of {dim}")
+        rows = self.rows["captions"]
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self.items)):
+            self._damaged(f"captions.rows.npy names rows outside the {len(self.items)} items")
 
-            self.vectors[modality] = None
+    def _damaged(self, why: str) -> NoReturn:
+        fail(f"the index {self.path} is damaged: {why}. Rebuild it with conlip-retrieval index (into a new "
+             f"--out, or after deleting {self.path}).")
 
-            self.approximate[modality] = ApproximateIndex(
-                faiss.read_index(str(self.path / f"{modality}.faiss")), settings["kind"], settings["nprobe"],
-                settings["recall_at_10"], settings["recall_queries"])
+    def _read(self, name: str, read: Callable[[Path], T]) -> T:
+        """``read(path)`` of one index file; a missing or unreadable file names itself and the fix."""
+        try:
+            return read(self.path / name)
+        except (OSError, ValueError, RuntimeError, EOFError) as err:
+            first_line = next(iter(str(err).strip().splitlines()), "")
+            self._damaged(f"{name} cannot be read ({type(err).__name__}: {first_line})")
 
     def search(self, query: np.ndarray, against: str, k: int) -> List[dict]:
         """The k best items for one unit query vector, against the images or the captions."""
@@ -289,9 +326,10 @@ class Index:
             raise ValueError(f"the query has {query.shape[-1]} dimensions; this index holds "
                              f"{self.manifest['embed_dim']} ({self.identity.describe()})")
         rows = self.rows[against]
+        if against == "captions" and not len(rows):
+            raise NoCaptions(f"this index has no captions ({self.manifest['build']['source']} gave none), so "
+                             f"there is nothing to search against the captions; search against the images")
         k = min(k, len(rows))
-        if k == 0:
-            return []
         ann = self.approximate[against]
         query = np.asarray(query, dtype=np.float32)[None, :]
         scores, ids = ann.search(query, k) if ann else exact_search(self.vectors[against], query, k)
