@@ -220,3 +220,15 @@ def test_a_sample_with_jpg_and_png_is_indexed_by_its_jpg_as_open_clip_train_read
 def test_positive_float_refuses_what_no_limit_can_be(text):
     with pytest.raises(Exception, match="must be a finite number more than 0"):
         positive_float(text)
+
+
+def test_the_query_model_is_hashed_once(built, monkeypatch):
+    """search and serve check the query model against the index's by sha256, then load it: one pass over
+    a checkpoint that can be gigabytes."""
+    from conlip_plugin.retrieval import encoder as encoder_module
+
+    hashed = []
+    sha256 = encoder_module._sha256
+    monkeypatch.setattr(encoder_module, "_sha256", lambda paths: hashed.append(paths) or sha256(paths))
+    encoder = cli.query_encoder(Index(built["root"] / "exact"), None, None, "cpu")
+    assert hashed == [[built["ckpt"].resolve()]] and encoder.identity == Index(built["root"] / "exact").identity

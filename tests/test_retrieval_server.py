@@ -16,6 +16,7 @@ pytest.importorskip("fastapi", reason="the server needs pip install 'conlip-plug
 from fastapi.testclient import TestClient  # noqa: E402
 
 from conlip_plugin.retrieval import encoder as encoder_module  # noqa: E402
+from conlip_plugin.retrieval import server as server_module  # noqa: E402
 from conlip_plugin.retrieval.encoder import Encoder, ImageTooLarge, ModelIdentity, UnreadableImage  # noqa: E402
 from conlip_plugin.retrieval.server import (  # noqa: E402
     EMBEDDING_BYTES_PER_DIM, EMBEDDING_SLACK, MULTIPART_SLACK, _listening_socket, create_app)
@@ -42,6 +43,12 @@ def client(tiny, index) -> TestClient:
 
 def _png(tiny, row: int) -> bytes:
     return (tiny.data["root"] / "images" / f"{row:04d}.png").read_bytes()
+
+
+def _encoded(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt)
+    return buffer.getvalue()
 
 
 def _expected_scores(tiny, text: str, against: str) -> dict:
@@ -92,6 +99,34 @@ def test_text_search_bad_requests(client, params, status, words):
     response = client.get("/api/search", params=params)
     assert response.status_code == status
     assert words in response.json()["detail"]
+
+
+@pytest.fixture(scope="module")
+def captionless(tiny, tmp_path_factory) -> TestClient:
+    """The shapes' PNG files indexed as a folder, which has no sidecar text files: an index with no captions."""
+    folder = str(tiny.data["root"] / "images")
+    out = tmp_path_factory.mktemp("captionless") / "index"
+    IndexWriter(out, tiny.encoder, folder, workers=0, progress=False).run(gallery_items(folder))
+    return TestClient(create_app(Index(out), tiny.encoder, LIMIT))
+
+
+def test_searching_captions_that_the_index_lacks(captionless, tiny):
+    """Each kind of query against the captions of an index without any is refused, and told to search the
+    images, instead of getting an empty list as if nothing matched."""
+    assert captionless.get("/api/info").json()["counts"]["captions"] == 0
+    vector = tiny.encoder.texts(["a red square"])[0].tolist()
+    answers = {
+        "text": captionless.get("/api/search", params={"text": "a red square", "against": "captions"}),
+        "image": captionless.post("/api/search/image", files={"file": ("q.png", _png(tiny, 1), "image/png")},
+                                  data={"against": "captions"}),
+        "embedding": captionless.post("/api/search/embedding", json={
+            "embedding": vector, "model": "conlip-tiny", "pretrained": str(tiny.checkpoint), "against": "captions"})}
+    for kind, response in answers.items():
+        assert response.status_code == 422, (kind, response.text)
+        detail = response.json()["detail"]
+        assert "no captions" in detail and "search against the images" in detail, (kind, detail)
+    images = captionless.get("/api/search", params={"text": "a red square", "k": 3})
+    assert images.status_code == 200 and len(images.json()["results"]) == 3
 
 
 def test_named_model_must_be_the_index(client, tiny, tmp_path):
@@ -235,6 +270,42 @@ def test_an_image_over_the_pixel_limit_is_refused_before_decoding(tiny, index):
         encoder_module.decode_image(header_only, tiny.encoder.preprocess)
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "TIFF"])
+def test_an_image_over_pils_own_limit_is_too_large_not_unreadable(tiny, index, monkeypatch, fmt):
+    """PIL refuses images over twice Image.MAX_IMAGE_PIXELS itself (PNG while opening, WebP and TIFF in
+    their decoders); a query over it gets 413, an index item is skipped as unreadable with PIL's reason.
+    The server's own limit (here set above PIL's, which the command line does not allow) is not reached."""
+    data = _encoded(Image.open(io.BytesIO(_png(tiny, 2))).resize((128, 128)), fmt)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64)  # PIL refuses 128x128, twice over
+    client = TestClient(create_app(index, tiny.encoder, LIMIT, max_query_pixels=1_000_000))
+    response = client.post("/api/search/image", files={"file": ("q.img", data, "application/octet-stream")})
+    assert response.status_code == 413, response.text
+    detail = response.json()["detail"]
+    assert detail.startswith("q.img is over PIL's limit (Image size (16384 pixels) exceeds limit of 8192 pixels")
+    with pytest.raises(UnreadableImage, match="DecompressionBombError"):
+        encoder_module.decode_image(data, tiny.encoder.preprocess)
+
+
+def test_the_query_pixel_limit_cannot_exceed_pils(capsys):
+    from conlip_plugin.retrieval import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--index", "x", "--max-image-megapixels", "100"])
+    assert "argument --max-image-megapixels: must be at most 89.5, PIL's own limit" in capsys.readouterr().err
+
+
+def test_a_strip_is_told_to_be_cropped(client, tiny):
+    """An image refused for its shape is a readable PNG: the answer says to crop it, not to send a PNG."""
+    strip = _encoded(Image.new("RGB", (1000, 2), (0, 0, 255)))
+    response = client.post("/api/search/image", files={"file": ("strip.png", strip, "image/png")})
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert "strip.png is 1000x2 pixels, an aspect ratio over 200:1" in detail and "Crop it to at most 200:1" in detail
+    assert "send a PNG" not in detail
+    with pytest.raises(UnreadableImage):  # which the indexer skips, with its reason
+        encoder_module.decode_image(strip, tiny.encoder.preprocess)
+
+
 def test_a_slow_search_does_not_hold_up_other_requests(tiny, monkeypatch):
     """Each search runs off the event loop: while one image search is stuck in the index, /api/info
     still answers. On the loop, the stuck search would time out its wait before /api/info could run."""
@@ -266,6 +337,73 @@ def test_a_slow_search_does_not_hold_up_other_requests(tiny, monkeypatch):
     assert info_status == 200 and answered_while_stuck
     assert image.status_code == 200 and waits == [True]
     assert image.json()["results"][0]["row"] == 5
+
+
+def test_decoding_an_upload_does_not_hold_up_text_searches(tiny, index, monkeypatch):
+    """Only the model's forward pass holds the model lock: while an upload is being decoded, a text search
+    still answers. Were decoding under the lock, the text search would wait for the stuck decode to time out."""
+    import httpx
+
+    decode, entered, release, waits = server_module.decode_image, threading.Event(), threading.Event(), []
+
+    def stuck_decode(*args):
+        entered.set()
+        waits.append(release.wait(timeout=10))
+        return decode(*args)
+
+    monkeypatch.setattr(server_module, "decode_image", stuck_decode)
+    app = create_app(index, tiny.encoder, LIMIT)
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            image = asyncio.create_task(client.post("/api/search/image",
+                                                    files={"file": ("q.png", _png(tiny, 5), "image/png")}))
+            while not entered.is_set() and not image.done():
+                await asyncio.sleep(0.05)
+            text = await client.get("/api/search", params={"text": "a red square", "k": 3})
+            answered_while_decoding = not release.is_set()
+            release.set()
+            return text, answered_while_decoding, await image
+
+    text, answered_while_decoding, image = asyncio.run(scenario())
+    assert text.status_code == 200 and len(text.json()["results"]) == 3
+    assert answered_while_decoding and waits == [True]
+    assert image.status_code == 200 and image.json()["results"][0]["row"] == 5
+
+
+def test_the_model_runs_one_request_at_a_time(tiny, index, monkeypatch):
+    """Two text searches at once never run the model together. Each call waits a moment for a second one to
+    join it, so without the lock they would overlap for certain."""
+    import httpx
+
+    texts, guard, joined = tiny.encoder.texts, threading.Lock(), threading.Event()
+    inside = most = 0
+
+    def watched_texts(captions):
+        nonlocal inside, most
+        with guard:
+            inside += 1
+            most = max(most, inside)
+            if inside == 2:
+                joined.set()
+        joined.wait(timeout=0.5)
+        try:
+            return texts(captions)
+        finally:
+            with guard:
+                inside -= 1
+
+    monkeypatch.setattr(tiny.encoder, "texts", watched_texts)
+    app = create_app(index, tiny.encoder, LIMIT)
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await asyncio.gather(*(client.get("/api/search", params={"text": text, "k": 2})
+                                          for text in ("a red square", "a blue circle")))
+
+    answers = asyncio.run(scenario())
+    assert [a.status_code for a in answers] == [200, 200]
+    assert most == 1 and not joined.is_set()
 
 
 def test_not_an_image(client):
@@ -351,6 +489,35 @@ def test_item_image(client, tiny):
     for row in (30, -1):
         missing = client.get(f"/api/items/{row}/image")
         assert missing.status_code == 404 and "items 0 to 29" in missing.json()["detail"]
+
+
+def test_item_image_is_served_from_its_file(client, tiny):
+    """A file item is streamed, with an ETag, Last-Modified and byte ranges."""
+    whole = _png(tiny, 4)
+    response = client.get("/api/items/4/image")
+    assert response.headers["etag"] and response.headers["last-modified"]
+    assert response.headers["accept-ranges"] == "bytes"
+    part = client.get("/api/items/4/image", headers={"Range": "bytes=8-23"})
+    assert part.status_code == 206 and part.content == whole[8:24]
+    assert part.headers["content-range"] == f"bytes 8-23/{len(whole)}"
+    assert part.headers["content-type"] == "image/png"
+
+
+def test_item_image_whose_file_is_gone(tiny, tmp_path):
+    """Checked before streaming starts, so the client gets the 404 that says why, not a broken response."""
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    for row in range(3):
+        (gallery / f"{row}.png").write_bytes(_png(tiny, row))
+    IndexWriter(tmp_path / "idx", tiny.encoder, str(gallery), workers=0, progress=False).run(
+        gallery_items(str(gallery)))
+    (gallery / "1.png").unlink()
+    client = TestClient(create_app(Index(tmp_path / "idx"), tiny.encoder, LIMIT))
+    assert client.get("/api/items/0/image").content == _png(tiny, 0)
+    response = client.get("/api/items/1/image")
+    assert response.status_code == 404
+    detail = response.json()["detail"]
+    assert f"the image of item 1 ({(gallery / '1.png').resolve()})" in detail and "the gallery has moved" in detail
 
 
 def test_shard_item_image_type_is_sniffed(tiny, tmp_path):

@@ -68,10 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=port_number, default=8000, help="0: any free port (the URL is printed)")
     serve.add_argument("--max-upload-mb", type=positive_float, default=10.0, help="largest query image file accepted")
-    serve.add_argument("--max-image-megapixels", type=positive_float, default=50.0,
-                       help="largest query image accepted, in decoded pixels (checked before decoding)")
+    serve.add_argument("--max-image-megapixels", type=query_megapixels, default=50.0,
+                       help="largest query image accepted, in decoded pixels (checked before decoding; at most "
+                            "PIL's own limit, Image.MAX_IMAGE_PIXELS)")
     add_model_override(serve)
     return parser
+
+
+def query_megapixels(text: str) -> float:
+    """``--max-image-megapixels``: PIL warns about, then refuses, images over its own limit, so a larger
+    value would not let larger images through."""
+    from PIL import Image
+
+    value, most = positive_float(text), Image.MAX_IMAGE_PIXELS / 1e6
+    if value > most:
+        raise argparse.ArgumentTypeError(f"must be at most {most:.1f}, PIL's own limit (Image.MAX_IMAGE_PIXELS), "
+                                         f"got {text}")
+    return value
 
 
 def add_model_override(parser: argparse.ArgumentParser) -> None:
@@ -101,7 +114,7 @@ def query_encoder(index: Index, model: Optional[str], pretrained: Optional[str],
         fail(f"the index {index.path} was built with {recorded.describe()}; queries would be embedded with "
              f"{asked.describe()}, other weights whose embeddings do not share the index's space. Search "
              f"with the index's model, or build an index with this one.")
-    return Encoder(model, pretrained, device)
+    return Encoder(model, pretrained, device, identity=asked)
 
 
 def show(results: List[dict], as_json: bool) -> None:

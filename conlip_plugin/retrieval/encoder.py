@@ -27,14 +27,19 @@ class UnreadableImage(ValueError):
     """An item's bytes are not an image PIL can decode (the message says why)."""
 
 
-class ImageTooLarge(ValueError):
-    """A query image with more pixels than the caller allows: refused from its header, before decoding,
-    since a small compressed file can decode to gigabytes."""
+class ExtremeAspectRatio(UnreadableImage):
+    """An image whose long side is over MAX_ASPECT_RATIO times its short side: readable, but not worth
+    embedding, and a client must be told to crop it rather than to send another format. Still an
+    UnreadableImage, so the indexer skips it with this reason."""
 
-    def __init__(self, width: int, height: int, max_pixels: int):
-        self.width, self.height, self.max_pixels = width, height, max_pixels
-        super().__init__(f"{width}x{height} pixels ({width * height / 1e6:.1f} megapixels), over the limit of "
-                         f"{max_pixels / 1e6:g} megapixels")
+
+class ImageTooLarge(ValueError):
+    """A query image with more pixels than the caller allows (``max_pixels``), refused before its pixels
+    are decoded, since a small compressed file can decode to gigabytes."""
+
+    def __init__(self, reason: str, max_pixels: int):
+        super().__init__(reason)
+        self.max_pixels = max_pixels
 
 
 def _sha256(paths: List[Path]) -> str:
@@ -98,36 +103,44 @@ def _unreadable(err: Exception) -> UnreadableImage:
 
 def decode_image(data: bytes, preprocess, max_pixels: Optional[int] = None) -> torch.Tensor:
     """Bytes to the model's input tensor; anything PIL cannot read raises UnreadableImage, and an image
-    over ``max_pixels`` raises ImageTooLarge before its pixels are decoded."""
+    over ``max_pixels`` raises ImageTooLarge before its pixels are decoded. ``max_pixels`` is at most
+    PIL's own limit (``Image.MAX_IMAGE_PIXELS``), so an image PIL refuses as a decompression bomb is
+    over it too."""
     if not data:
         raise UnreadableImage("empty file")
-    unreadable = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
     try:
-        img = Image.open(io.BytesIO(data))
-    except unreadable as err:
-        raise _unreadable(err) from err
-    with img:
-        if max_pixels is not None and img.width * img.height > max_pixels:
-            raise ImageTooLarge(img.width, img.height, max_pixels)
-        if max(img.size) > MAX_ASPECT_RATIO * max(1, min(img.size)):
-            raise UnreadableImage(f"{img.width}x{img.height} pixels, an aspect ratio over {MAX_ASPECT_RATIO}:1; "
-                                  f"resized to the model's input it would take gigabytes")
-        try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLarge(f"{width}x{height} pixels ({width * height / 1e6:.1f} megapixels), over the "
+                                    f"limit of {max_pixels / 1e6:g} megapixels", max_pixels)
+            if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+                raise ExtremeAspectRatio(f"{width}x{height} pixels, an aspect ratio over {MAX_ASPECT_RATIO}:1; "
+                                         f"resized to the model's input it would take gigabytes")
             img.load()
             return preprocess(img.convert("RGB"))
-        except unreadable as err:
+    except (ImageTooLarge, UnreadableImage):
+        raise
+    except Image.DecompressionBombError as err:  # PIL's own check, in Image.open or in a format's decoder
+        if max_pixels is None:
             raise _unreadable(err) from err
+        raise ImageTooLarge(f"over PIL's limit ({err})", max_pixels) from err
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise _unreadable(err) from err
 
 
 class Encoder:
     """An open_clip model in eval mode with its preprocessing and tokenizer; outputs unit-norm float32
     rows on the CPU. On a GPU the towers run under fp16 autocast (the index stores float16 anyway)."""
 
-    def __init__(self, model: str, pretrained: Optional[str] = None, device: Optional[str] = None):
+    def __init__(self, model: str, pretrained: Optional[str] = None, device: Optional[str] = None,
+                 identity: Optional[ModelIdentity] = None):
+        """``identity``: ``ModelIdentity.of(model, pretrained)`` when the caller already has it (hashing
+        a multi-gigabyte checkpoint takes seconds)."""
         activate()
         import open_clip
 
-        self.identity = ModelIdentity.of(model, pretrained)
+        self.identity = identity or ModelIdentity.of(model, pretrained)
         self.device = torch.device(device or default_device())
         name = self.identity.model
         try:

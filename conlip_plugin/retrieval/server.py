@@ -19,7 +19,7 @@ import mimetypes
 import socket
 import threading
 from pathlib import Path
-from typing import Callable, List, Literal, Optional
+from typing import BinaryIO, Callable, List, Literal, Optional
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -32,9 +32,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from ..data.files import fail
-from .encoder import Encoder, ImageTooLarge, ModelIdentity, UnreadableImage
+from .encoder import (MAX_ASPECT_RATIO, Encoder, ExtremeAspectRatio, ImageTooLarge, ModelIdentity, UnreadableImage,
+                      decode_image)
 from .sources import Item
-from .store import MODALITIES, Index
+from .store import MODALITIES, Index, NoCaptions
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_K = 1000
@@ -88,10 +89,10 @@ def _bounded(request: Request, most: int) -> Request:
     return Request(request.scope, counting_receive)
 
 
-def _content_type(data: bytes, name: str) -> str:
+def _content_type(source: BinaryIO, name: str) -> str:
     """The image's MIME type from its header (PIL), else from the file name."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(source) as img:
             sniffed = Image.MIME.get(img.format or "")
     except (OSError, ValueError, Image.DecompressionBombError):
         sniffed = None
@@ -127,7 +128,9 @@ def create_app(index: Index, encoder: Encoder, max_upload_bytes: int,
         raise ValueError(f"the index {index.path} was built with {index.identity.describe()}, but the encoder "
                          f"holds {encoder.identity.describe()}; serve it with the index's model.")
     app = FastAPI(title="conlip-retrieval", description=f"search {index.path} ({index.identity.describe()})")
-    lock = threading.Lock()  # the model and the tokenizer are not safe to call from two threads at once
+    # The model and the tokenizer are not safe to call from two threads at once. Decoding a query image (seconds
+    # for a large one) runs outside the lock, so that it holds up no other search.
+    lock = threading.Lock()
     dim = int(index.manifest["embed_dim"])
 
     def locked(call: Callable, *args):
@@ -156,7 +159,10 @@ def create_app(index: Index, encoder: Encoder, max_upload_bytes: int,
                                      f"one.")
 
     def answer(query: dict, vector: np.ndarray, against: str, k: int) -> dict:
-        results = locked(index.search, vector, against, k)
+        try:
+            results = locked(index.search, vector, against, k)
+        except NoCaptions as err:
+            raise HTTPException(422, str(err)) from err
         return {"query": query, "against": against, "k": k, "results": results}
 
     @app.exception_handler(RequestValidationError)
@@ -212,15 +218,20 @@ def create_app(index: Index, encoder: Encoder, max_upload_bytes: int,
                 raise _too_large(_megabytes(upload.size or len(data)), max_upload_bytes)
             name = upload.filename or "the upload"
             try:
-                vector = await run_in_threadpool(locked, encoder.image_bytes, data, max_query_pixels)
+                pixels = await run_in_threadpool(decode_image, data, encoder.preprocess, max_query_pixels)
+            except ExtremeAspectRatio as err:
+                raise HTTPException(422, f"{name} is {err}. Crop it to at most {MAX_ASPECT_RATIO}:1 (its long "
+                                         f"side at most {MAX_ASPECT_RATIO} times its short side) and send it "
+                                         f"again.") from err
             except UnreadableImage as err:
                 raise HTTPException(415, f"{name} is not an image this server can read ({err}); send a PNG, "
                                          f"JPEG, WebP, GIF, BMP or TIFF file.") from err
             except ImageTooLarge as err:
                 raise HTTPException(413, f"{name} is {err}. Send a smaller image, or restart conlip-retrieval "
                                          f"serve with a larger --max-image-megapixels.") from err
+            vector = await run_in_threadpool(locked, encoder.images, pixels.unsqueeze(0))
             query = {"image": upload.filename, "bytes": len(data)}
-            return await run_in_threadpool(answer, query, vector.numpy(), against, k)
+            return await run_in_threadpool(answer, query, vector[0].numpy(), against, k)
         finally:
             await form.close()
 
@@ -263,15 +274,21 @@ def create_app(index: Index, encoder: Encoder, max_upload_bytes: int,
 
     @app.get("/api/items/{row}/image")
     def item_image(row: int) -> Response:
+        """A file item streams from its file (with ETag, Last-Modified and Range); a shard member is read
+        whole, as it is one byte range of a larger file."""
         if not 0 <= row < len(index.items):
             raise HTTPException(404, f"no item {row}; this index holds items 0 to {len(index.items) - 1}.")
         item = Item.from_record(index.items[row])
         try:
+            if item.path is not None:
+                with open(item.path, "rb") as f:  # before the FileResponse, which finds a missing file too late
+                    media_type = _content_type(f, item.path)
+                return FileResponse(item.path, media_type=media_type)
             data = item.read_bytes()
         except OSError as err:
             raise HTTPException(404, f"the image of item {row} ({item.path or item.shard}) cannot be read "
                                      f"({err}); the gallery has moved since the index was built.") from err
-        return Response(data, media_type=_content_type(data, item.path or item.key))
+        return Response(data, media_type=_content_type(io.BytesIO(data), item.key))
 
     return app
 
