@@ -6,8 +6,7 @@ upscaled to 480x360, quality 90) embedded by ``Encoder.images`` in batches, time
 and preprocess in this process, one image after another, then the forward pass) and forward-only
 (tensors decoded beforehand). ConLIP (``conlip-vit-b16-bert``'s towers, random init) and open_clip's
 own ``ViT-B-16`` (random init) are built in one process and timed in rounds that alternate which
-goes first; as in
-``conlip-bench`` the figures are also given as ratios to that CLIP.
+goes first; as in ``conlip-bench`` the figures are also given as ratios to that CLIP.
 
 Search, on synthetic unit vectors with neighbourhood structure: a Gaussian mixture (``draw_mixture``)
 whose defaults, 1000 centres and noise 2 (a vector's cosine to its own centre is about 0.45), make
