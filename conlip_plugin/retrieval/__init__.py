@@ -3,5 +3,6 @@ and serve a search page over a JSON API (``serve``); the ``conlip-retrieval`` co
 
 Modules: ``sources`` (folders, CSVs and webdataset shards as gallery items), ``encoder`` (the model,
 its identity and its preprocessing), ``store`` (the resumable on-disk index), ``nearest`` (exact and
-faiss search, and the approximate index's recall), ``server`` (the web page and API), ``cli``.
+faiss search, and the approximate index's recall), ``server`` (the web page and API), ``extras``
+(the optional packages, imported with an install hint), ``cli``, ``benchmark``.
 """
