@@ -60,4 +60,6 @@ def torch_device(text: str) -> str:
         if device.index is not None and device.index >= count:
             raise argparse.ArgumentTypeError(f"{text}, but torch sees {count} CUDA device(s) (cuda:0 to "
                                              f"cuda:{count - 1})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}, but torch sees no Apple GPU (MPS) here; pass --device cpu")
     return text

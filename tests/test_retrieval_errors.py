@@ -1,6 +1,7 @@
 """conlip-retrieval on damaged indexes, missing optional packages and malformed input: each stops with
 a message that names the file or flag and the fix, before the model loads where it can."""
 import io
+import json
 import shutil
 import sys
 import tarfile
@@ -48,6 +49,12 @@ def keep_20_lines(path: Path) -> None:
     path.write_text("".join(path.read_text().splitlines(keepends=True)[:20]))
 
 
+def drop_nprobe(path: Path) -> None:
+    manifest = json.loads(path.read_text())
+    del manifest["search"]["images"]["nprobe"]
+    path.write_text(json.dumps(manifest))
+
+
 def rows_past_the_end(path: Path) -> None:
     np.save(path, np.load(path) + 1000)
 
@@ -62,6 +69,7 @@ def rows_past_the_end(path: Path) -> None:
     ("exact", "captions.rows.npy", rows_past_the_end, "captions.rows.npy names rows outside the 30 items"),
     ("approximate", "images.faiss", Path.unlink, "images.faiss cannot be read (RuntimeError"),
     ("approximate", "captions.faiss", truncate, "captions.faiss cannot be read (RuntimeError"),
+    ("approximate", "manifest.json", drop_nprobe, "manifest.json has a missing or malformed field (KeyError('nprobe')"),
 ])
 def test_a_damaged_index_names_the_file_and_the_fix(built, tmp_path, kind, name, damage, says):
     copy = tmp_path / kind
@@ -232,3 +240,31 @@ def test_the_query_model_is_hashed_once(built, monkeypatch):
     monkeypatch.setattr(encoder_module, "_sha256", lambda paths: hashed.append(paths) or sha256(paths))
     encoder = cli.query_encoder(Index(built["root"] / "exact"), None, None, "cpu")
     assert hashed == [[built["ckpt"].resolve()]] and encoder.identity == Index(built["root"] / "exact").identity
+
+
+def test_a_strip_query_image_is_told_to_be_cropped(built, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (1000, 4), "white").save(tmp_path / "strip.png")
+    with pytest.raises(SystemExit, match=r"strip.png is 1000x4 pixels, an aspect ratio over 200:1.*; crop it to at "
+                                         r"most 200:1"):
+        cli.main(["search", "--index", str(built["root"] / "exact"), "--image", str(tmp_path / "strip.png"),
+                  "--device", "cpu"])
+
+
+def test_a_device_index_or_kind_this_machine_lacks_is_refused(monkeypatch):
+    import argparse
+
+    import torch
+
+    from conlip_plugin.arguments import torch_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert torch_device("cuda:0") == "cuda:0"
+    with pytest.raises(argparse.ArgumentTypeError, match=r"cuda:1, but torch sees 1 CUDA device\(s\) \(cuda:0 to "
+                                                          r"cuda:0\)"):
+        torch_device("cuda:1")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(argparse.ArgumentTypeError, match="mps, but torch sees no Apple GPU"):
+        torch_device("mps")

@@ -281,7 +281,8 @@ def test_an_image_over_pils_own_limit_is_too_large_not_unreadable(tiny, index, m
     response = client.post("/api/search/image", files={"file": ("q.img", data, "application/octet-stream")})
     assert response.status_code == 413, response.text
     detail = response.json()["detail"]
-    assert detail.startswith("q.img is over PIL's limit (Image size (16384 pixels) exceeds limit of 8192 pixels")
+    assert detail.startswith("q.img is over PIL's own limit (Image size (16384 pixels) exceeds limit of 8192 pixels")
+    assert detail.endswith("Send a smaller image.")  # no advice to raise --max-image-megapixels: it would not help
     with pytest.raises(UnreadableImage, match="DecompressionBombError"):
         encoder_module.decode_image(data, tiny.encoder.preprocess)
 
@@ -290,8 +291,10 @@ def test_the_query_pixel_limit_cannot_exceed_pils(capsys):
     from conlip_plugin.retrieval import cli
 
     with pytest.raises(SystemExit):
-        cli.main(["serve", "--index", "x", "--max-image-megapixels", "100"])
-    assert "argument --max-image-megapixels: must be at most 89.5, PIL's own limit" in capsys.readouterr().err
+        cli.main(["serve", "--index", "x", "--max-image-megapixels", "200"])
+    assert "argument --max-image-megapixels: must be at most 179.0, where PIL itself refuses" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="x is not an index"):  # within it: parsing passes, the index stops it
+        cli.main(["serve", "--index", "x", "--max-image-megapixels", "150"])
 
 
 def test_a_strip_is_told_to_be_cropped(client, tiny):
@@ -369,6 +372,44 @@ def test_decoding_an_upload_does_not_hold_up_text_searches(tiny, index, monkeypa
     assert text.status_code == 200 and len(text.json()["results"]) == 3
     assert answered_while_decoding and waits == [True]
     assert image.status_code == 200 and image.json()["results"][0]["row"] == 5
+
+
+def test_query_images_are_decoded_a_few_at_a_time(tiny, index, monkeypatch):
+    """Decoding is outside the model lock but bounded: of four uploads at once, at most DECODE_SLOTS decode
+    together (each call waits a moment for more to join it, so without the bound all four would)."""
+    import httpx
+
+    decode, guard = server_module.decode_image, threading.Lock()
+    inside = most = 0
+
+    def watched_decode(*args):
+        nonlocal inside, most
+        with guard:
+            inside += 1
+            most = max(most, inside)
+        deadline = 50
+        while deadline and most < 4:
+            threading.Event().wait(0.01)
+            deadline -= 1
+        try:
+            return decode(*args)
+        finally:
+            with guard:
+                inside -= 1
+
+    monkeypatch.setattr(server_module, "decode_image", watched_decode)
+    app = create_app(index, tiny.encoder, LIMIT)
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await asyncio.gather(*(client.post("/api/search/image", files={"file": (f"{i}.png", _png(tiny, i),
+                                                                                           "image/png")})
+                                          for i in range(4)))
+
+    answers = asyncio.run(scenario())
+    assert [a.status_code for a in answers] == [200] * 4
+    assert [a.json()["results"][0]["row"] for a in answers] == [0, 1, 2, 3]
+    assert most == server_module.DECODE_SLOTS
 
 
 def test_the_model_runs_one_request_at_a_time(tiny, index, monkeypatch):

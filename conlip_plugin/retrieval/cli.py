@@ -19,7 +19,7 @@ import numpy as np
 
 from ..arguments import fraction, non_negative_int, port_number, positive_float, positive_int, torch_device
 from ..data.files import fail, listing
-from .encoder import Encoder, ModelIdentity, UnreadableImage, loader_workers
+from .encoder import MAX_ASPECT_RATIO, Encoder, ExtremeAspectRatio, ModelIdentity, UnreadableImage, loader_workers
 from .extras import require
 from .nearest import EXACT_BELOW, RECALL_K, TARGET_RECALL
 from .sources import gallery_items, is_shard_pattern
@@ -70,20 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-upload-mb", type=positive_float, default=10.0, help="largest query image file accepted")
     serve.add_argument("--max-image-megapixels", type=query_megapixels, default=50.0,
                        help="largest query image accepted, in decoded pixels (checked before decoding; at most "
-                            "PIL's own limit, Image.MAX_IMAGE_PIXELS)")
+                            "where PIL itself refuses, twice Image.MAX_IMAGE_PIXELS)")
     add_model_override(serve)
     return parser
 
 
 def query_megapixels(text: str) -> float:
-    """``--max-image-megapixels``: PIL warns about, then refuses, images over its own limit, so a larger
-    value would not let larger images through."""
+    """``--max-image-megapixels``: PIL itself refuses images over twice ``Image.MAX_IMAGE_PIXELS``, so a
+    larger value would let nothing more through."""
     from PIL import Image
 
-    value, most = positive_float(text), Image.MAX_IMAGE_PIXELS / 1e6
+    value, most = positive_float(text), 2 * Image.MAX_IMAGE_PIXELS / 1e6
     if value > most:
-        raise argparse.ArgumentTypeError(f"must be at most {most:.1f}, PIL's own limit (Image.MAX_IMAGE_PIXELS), "
-                                         f"got {text}")
+        raise argparse.ArgumentTypeError(f"must be at most {most:.1f}, where PIL itself refuses images (twice "
+                                         f"Image.MAX_IMAGE_PIXELS), got {text}")
     return value
 
 
@@ -179,6 +179,8 @@ def run_search(args: argparse.Namespace) -> None:
             fail(f"--image {args.image} not found.")
         except OSError as err:
             fail(f"--image {args.image} cannot be read ({err.strerror or err}); pass an image file.")
+        except ExtremeAspectRatio as err:
+            fail(f"--image {args.image} is {err}; crop it to at most {MAX_ASPECT_RATIO}:1.")
         except UnreadableImage as err:
             fail(f"--image {args.image} is not an image PIL can read ({err}).")
     try:

@@ -35,11 +35,12 @@ class ExtremeAspectRatio(UnreadableImage):
 
 class ImageTooLarge(ValueError):
     """A query image with more pixels than the caller allows (``max_pixels``), refused before its pixels
-    are decoded, since a small compressed file can decode to gigabytes."""
+    are decoded, since a small compressed file can decode to gigabytes. ``by_pil``: PIL's own limit
+    refused it, which no caller's limit lifts."""
 
-    def __init__(self, reason: str, max_pixels: int):
+    def __init__(self, reason: str, max_pixels: int, by_pil: bool = False):
         super().__init__(reason)
-        self.max_pixels = max_pixels
+        self.max_pixels, self.by_pil = max_pixels, by_pil
 
 
 def _sha256(paths: List[Path]) -> str:
@@ -103,9 +104,8 @@ def _unreadable(err: Exception) -> UnreadableImage:
 
 def decode_image(data: bytes, preprocess, max_pixels: Optional[int] = None) -> torch.Tensor:
     """Bytes to the model's input tensor; anything PIL cannot read raises UnreadableImage, and an image
-    over ``max_pixels`` raises ImageTooLarge before its pixels are decoded. ``max_pixels`` is at most
-    PIL's own limit (``Image.MAX_IMAGE_PIXELS``), so an image PIL refuses as a decompression bomb is
-    over it too."""
+    over ``max_pixels`` raises ImageTooLarge before its pixels are decoded; so does one PIL refuses itself
+    (over twice ``Image.MAX_IMAGE_PIXELS``; between once and twice it only warns)."""
     if not data:
         raise UnreadableImage("empty file")
     try:
@@ -124,7 +124,7 @@ def decode_image(data: bytes, preprocess, max_pixels: Optional[int] = None) -> t
     except Image.DecompressionBombError as err:  # PIL's own check, in Image.open or in a format's decoder
         if max_pixels is None:
             raise _unreadable(err) from err
-        raise ImageTooLarge(f"over PIL's limit ({err})", max_pixels) from err
+        raise ImageTooLarge(f"over PIL's own limit ({err})", max_pixels, by_pil=True) from err
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise _unreadable(err) from err
 

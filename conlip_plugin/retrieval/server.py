@@ -39,6 +39,7 @@ from .store import MODALITIES, Index, NoCaptions
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_K = 1000
+DECODE_SLOTS = 2  # query images decoded at once: a 50-megapixel one takes about 150 MB as RGB
 MAX_QUERY_PIXELS = 50_000_000
 # An embedding as JSON: a float takes at most about 25 characters; the slack covers the other fields.
 EMBEDDING_BYTES_PER_DIM = 64
@@ -133,6 +134,13 @@ def create_app(index: Index, encoder: Encoder, max_upload_bytes: int,
     lock = threading.Lock()
     dim = int(index.manifest["embed_dim"])
 
+    decoding = threading.BoundedSemaphore(DECODE_SLOTS)
+
+    def decode(data: bytes):
+        """A query image's tensor; at most DECODE_SLOTS at once, as each can take hundreds of MB."""
+        with decoding:
+            return decode_image(data, encoder.preprocess, max_query_pixels)
+
     def locked(call: Callable, *args):
         with lock:
             return call(*args)
@@ -218,7 +226,7 @@ def create_app(index: Index, encoder: Encoder, max_upload_bytes: int,
                 raise _too_large(_megabytes(upload.size or len(data)), max_upload_bytes)
             name = upload.filename or "the upload"
             try:
-                pixels = await run_in_threadpool(decode_image, data, encoder.preprocess, max_query_pixels)
+                pixels = await run_in_threadpool(decode, data)
             except ExtremeAspectRatio as err:
                 raise HTTPException(422, f"{name} is {err}. Crop it to at most {MAX_ASPECT_RATIO}:1 (its long "
                                          f"side at most {MAX_ASPECT_RATIO} times its short side) and send it "
@@ -227,8 +235,9 @@ def create_app(index: Index, encoder: Encoder, max_upload_bytes: int,
                 raise HTTPException(415, f"{name} is not an image this server can read ({err}); send a PNG, "
                                          f"JPEG, WebP, GIF, BMP or TIFF file.") from err
             except ImageTooLarge as err:
-                raise HTTPException(413, f"{name} is {err}. Send a smaller image, or restart conlip-retrieval "
-                                         f"serve with a larger --max-image-megapixels.") from err
+                larger_limit = "" if err.by_pil else (", or restart conlip-retrieval serve with a larger "
+                                                      "--max-image-megapixels")
+                raise HTTPException(413, f"{name} is {err}. Send a smaller image{larger_limit}.") from err
             vector = await run_in_threadpool(locked, encoder.images, pixels.unsqueeze(0))
             query = {"image": upload.filename, "bytes": len(data)}
             return await run_in_threadpool(answer, query, vector[0].numpy(), against, k)

@@ -276,7 +276,12 @@ class Index:
                  f"command again to finish it.")
         try:
             self.identity = ModelIdentity(**self.manifest["model"])
-            dim, search = int(self.manifest["embed_dim"]), {m: self.manifest["search"][m] for m in MODALITIES}
+            dim, search = int(self.manifest["embed_dim"]), {}
+            for modality in MODALITIES:
+                entry = self.manifest["search"][modality]
+                search[modality] = {"kind": "exact"} if entry["kind"] == "exact" else {
+                    "kind": str(entry["kind"]), "nprobe": int(entry["nprobe"]),
+                    "recall_at_10": float(entry["recall_at_10"]), "recall_queries": int(entry["recall_queries"])}
         except (KeyError, TypeError, ValueError) as err:
             self._damaged(f"manifest.json has a missing or malformed field ({err!r})")
         self.items = self._read("items.jsonl", lambda p: [json.loads(line) for line in p.read_text().splitlines()])
