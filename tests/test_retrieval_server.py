@@ -309,52 +309,25 @@ def test_a_strip_is_told_to_be_cropped(client, tiny):
         encoder_module.decode_image(strip, tiny.encoder.preprocess)
 
 
-def test_a_slow_search_does_not_hold_up_other_requests(tiny, monkeypatch):
-    """Each search runs off the event loop: while one image search is stuck in the index, /api/info
-    still answers. On the loop, the stuck search would time out its wait before /api/info could run."""
+@pytest.mark.parametrize("stuck_in, other", [
+    ("the index search", ("/api/info", {})),  # a search on the event loop would hold up every request
+    ("decoding", ("/api/search", {"text": "a red square", "k": 3})),  # decoding under the model lock: searches
+])
+def test_an_upload_stuck_in_one_step_does_not_hold_up_other_requests(tiny, monkeypatch, stuck_in, other):
+    """While an image search is held in one step, another request still answers; with that step on the
+    event loop (or, for decoding, under the model lock) the other request would wait out the held step."""
     import httpx
 
     index = Index(tiny.path)
-    search, entered, release, waits = index.search, threading.Event(), threading.Event(), []
+    owner, name = (index, "search") if stuck_in == "the index search" else (server_module, "decode_image")
+    step, entered, release, waits = getattr(owner, name), threading.Event(), threading.Event(), []
 
-    def stuck_search(*args):
+    def held_step(*args):
         entered.set()
         waits.append(release.wait(timeout=10))
-        return search(*args)
+        return step(*args)
 
-    monkeypatch.setattr(index, "search", stuck_search)
-    app = create_app(index, tiny.encoder, LIMIT)
-
-    async def scenario():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            image = asyncio.create_task(client.post("/api/search/image",
-                                                    files={"file": ("q.png", _png(tiny, 5), "image/png")}))
-            while not entered.is_set():
-                await asyncio.sleep(0.05)
-            info = await client.get("/api/info")
-            answered_while_stuck = not release.is_set()
-            release.set()
-            return info.status_code, answered_while_stuck, await image
-
-    info_status, answered_while_stuck, image = asyncio.run(scenario())
-    assert info_status == 200 and answered_while_stuck
-    assert image.status_code == 200 and waits == [True]
-    assert image.json()["results"][0]["row"] == 5
-
-
-def test_decoding_an_upload_does_not_hold_up_text_searches(tiny, index, monkeypatch):
-    """Only the model's forward pass holds the model lock: while an upload is being decoded, a text search
-    still answers. Were decoding under the lock, the text search would wait for the stuck decode to time out."""
-    import httpx
-
-    decode, entered, release, waits = server_module.decode_image, threading.Event(), threading.Event(), []
-
-    def stuck_decode(*args):
-        entered.set()
-        waits.append(release.wait(timeout=10))
-        return decode(*args)
-
-    monkeypatch.setattr(server_module, "decode_image", stuck_decode)
+    monkeypatch.setattr(owner, name, held_step)
     app = create_app(index, tiny.encoder, LIMIT)
 
     async def scenario():
@@ -363,14 +336,13 @@ def test_decoding_an_upload_does_not_hold_up_text_searches(tiny, index, monkeypa
                                                     files={"file": ("q.png", _png(tiny, 5), "image/png")}))
             while not entered.is_set() and not image.done():
                 await asyncio.sleep(0.05)
-            text = await client.get("/api/search", params={"text": "a red square", "k": 3})
-            answered_while_decoding = not release.is_set()
+            answer = await client.get(other[0], params=other[1])
+            answered_while_held = not release.is_set()
             release.set()
-            return text, answered_while_decoding, await image
+            return answer, answered_while_held, await image
 
-    text, answered_while_decoding, image = asyncio.run(scenario())
-    assert text.status_code == 200 and len(text.json()["results"]) == 3
-    assert answered_while_decoding and waits == [True]
+    answer, answered_while_held, image = asyncio.run(scenario())
+    assert answer.status_code == 200 and answered_while_held and waits == [True]
     assert image.status_code == 200 and image.json()["results"][0]["row"] == 5
 
 
