@@ -1,4 +1,5 @@
-"""Full training steps of ConLIP against open_clip's own CLIP step with the same towers.
+"""Full training steps of ConLIP, and of CLIP + ConMLM + ConMIM (open_clip's CLIP loss plus the
+token losses), against open_clip's own CLIP step with the same towers.
 
 Each step is forward, every loss, backward, optimizer step (and, for ConLIP, the EMA and the
 enqueue in its post-step hook). All models are built in this process and timed in alternating
@@ -76,6 +77,9 @@ def model_config(size: str, tokenizer_dir: Optional[str], workdir: Path) -> dict
     return cfg
 
 
+MIX = "CLIP+ConMLM+ConMIM"
+
+
 def variant_name(checkpoint_blocks: int) -> str:
     return "ConLIP" if checkpoint_blocks == 0 else f"ConLIP-r{checkpoint_blocks}"
 
@@ -84,13 +88,17 @@ def build(cfg: dict, device: torch.device, seed: int, checkpoint_blocks: Iterabl
     from open_clip.loss import ClipLoss
     from open_clip.model import CustomTextCLIP
 
-    from .loss import ConLIPLoss
+    from .loss import ConLIPLoss, RecipeWithTokenLosses
     from .model import ConLIP
 
     conlip_cfg = ConLIPCfg.from_dict(cfg["conlip_cfg"])
     plain_cfg = {k: v for k, v in cfg.items() if k != "conlip_cfg"}
     torch.manual_seed(seed)
     variants = {"CLIP": (CustomTextCLIP(**plain_cfg, output_dict=True).to(device), ClipLoss())}
+    torch.manual_seed(seed)
+    mix_cfg = dict(cfg["conlip_cfg"], instance_loss="recipe", image_checkpoint_blocks=0)
+    variants[MIX] = (ConLIP(**dict(cfg, conlip_cfg=mix_cfg), output_dict=True).to(device),
+                     RecipeWithTokenLosses.from_cfg(ClipLoss(), ConLIPCfg.from_dict(mix_cfg)))
     for blocks in checkpoint_blocks:
         torch.manual_seed(seed)
         model_cfg = dict(cfg, conlip_cfg=dict(cfg["conlip_cfg"], image_checkpoint_blocks=blocks))
@@ -264,9 +272,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f"device {dev_name}; torch {torch.__version__}; size {args.size}; batch {batch}; {precision}; "
           f"compile {args.compile}; grad-ckpt {args.grad_checkpointing}; measured matmul peak {peak / 1e12:.1f} TFLOP/s; "
           f"ConLIP-rN: first N ViT blocks recomputed")
-    print(f"{'variant':<10} {'samples/s':>10} {'GFLOP/sample':>13} {'MFU':>6} {'peak GiB':>9} {'speed/CLIP':>11} {'FLOP/CLIP':>10}")
+    print(f"{'variant':<18} {'samples/s':>10} {'GFLOP/sample':>13} {'MFU':>6} {'peak GiB':>9} {'speed/CLIP':>11} {'FLOP/CLIP':>10}")
     for name, r in results.items():
-        print(f"{name:<10} {r['samples_per_s']:>10.1f} {r['gflop_per_sample']:>13.2f} {r['mfu']:>6.3f} "
+        print(f"{name:<18} {r['samples_per_s']:>10.1f} {r['gflop_per_sample']:>13.2f} {r['mfu']:>6.3f} "
               f"{r['peak_mem_gib']:>9.2f} {r['speed_ratio_to_clip']:>11.3f} {r['flop_ratio_to_clip']:>10.2f}")
     if args.json:
         args.json.write_text(json.dumps({"device": dev_name, "torch": torch.__version__, "size": args.size, "batch": batch,

@@ -50,7 +50,9 @@ def adopt_checkpoint_image_size(module: nn.Module, state_dict: dict, prefix: str
         _resize_momentum_pos_embed(module, state_dict, prefix)
         return
     for name in ("visual", "momentum_visual"):
-        tower = getattr(module, name)
+        tower = getattr(module, name, None)
+        if tower is None:
+            continue
         trunk = tower.trunk
         saved = state_dict.get(f"{prefix}{name}.trunk.pos_embed")
         current = getattr(trunk, "pos_embed", None)
@@ -70,7 +72,7 @@ def _resize_momentum_pos_embed(module: nn.Module, state_dict: dict, prefix: str)
     model's grid (e.g. ``force_image_size``) but not the momentum tower's; resize it the same way."""
     key = prefix + "momentum_visual.positional_embedding"
     saved = state_dict.get(key)
-    current = getattr(module.momentum_visual, "positional_embedding", None)
+    current = getattr(getattr(module, "momentum_visual", None), "positional_embedding", None)
     if saved is None or current is None or saved.shape == current.shape:
         return
     as_online = {"visual.positional_embedding": saved}
@@ -78,25 +80,38 @@ def _resize_momentum_pos_embed(module: nn.Module, state_dict: dict, prefix: str)
     state_dict[key] = as_online["visual.positional_embedding"]
 
 
+def _momentum_twin(key: str, state_dict: dict, prefix: str):
+    """The loaded online tower's tensor a momentum tensor starts as, if the checkpoint has it."""
+    twin = next((key.replace(m, o, 1) for m, o in MOMENTUM_TWINS if key.startswith(m)), None)
+    return None if twin is None or prefix + twin not in state_dict else state_dict[prefix + twin].clone()
+
+
+def _start_missing_bias(own: dict, state_dict: dict, prefix: str) -> None:
+    """SigLIP's ``logit_bias`` (``--siglip``) on weights trained without one starts at its initial value."""
+    if "logit_bias" in own and prefix + "logit_bias" not in state_dict:
+        state_dict[prefix + "logit_bias"] = own["logit_bias"]
+        logging.info("ConLIP: the checkpoint has no logit_bias; it starts at %.3g", float(own["logit_bias"]))
+
+
 def complete_plain_weights(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """Plain open_clip weights (no momentum encoders, queues or heads): the momentum encoders start
-    as copies of the loaded towers, the heads and queues as initialised, and the temperature stays
-    ConLIP's (a CLIP checkpoint's learned ``logit_scale`` is not τ)."""
-    if any(k.startswith(prefix + "momentum_") for k in state_dict):
+    as copies of the loaded towers, the heads and queues as initialised. With DCL / InfoNCE the
+    temperature stays ConLIP's (a CLIP checkpoint's learned ``logit_scale`` is not τ); a model on its
+    recipe's own loss keeps the checkpoint's ``logit_scale`` (and ``logit_bias``) and trains them."""
+    if prefix + EXTRA_STATE in state_dict or any(k.startswith(prefix + "momentum_") for k in state_dict):
         return
     if not any(k.startswith(prefix + "visual.") for k in state_dict):
         return
     own = module.state_dict()
     for key, value in own.items():
-        if not key.startswith(TRAINING_ONLY_PREFIXES):
-            continue
-        twin = next((key.replace(m, o, 1) for m, o in MOMENTUM_TWINS if key.startswith(m)), None)
-        if twin is not None and prefix + twin in state_dict:
-            state_dict[prefix + key] = state_dict[prefix + twin].clone()
-        else:
-            state_dict[prefix + key] = value
-    state_dict[prefix + "logit_scale"] = own["logit_scale"]
-    logging.info("ConLIP: loaded plain open_clip weights; momentum encoders copied from them, heads and queues fresh")
+        if key.startswith(TRAINING_ONLY_PREFIXES):
+            twin = _momentum_twin(key, state_dict, prefix)
+            state_dict[prefix + key] = value if twin is None else twin
+    if module.conlip_cfg.momentum_queues:
+        state_dict[prefix + "logit_scale"] = own["logit_scale"]
+    _start_missing_bias(own, state_dict, prefix)
+    logging.info("ConLIP: loaded plain open_clip weights; %s", "momentum encoders copied from them, heads and "
+                 "queues fresh" if module.conlip_cfg.momentum_queues else "heads fresh, logit_scale kept")
 
 
 def _changed(saved: Optional[dict], own: dict) -> Dict[str, tuple]:
@@ -127,6 +142,10 @@ def reconcile_training_state(module: nn.Module, state_dict: dict, prefix: str, *
     if not theirs:  # nothing under this prefix (e.g. a DDP wrapper's keys): torch's strict load says so
         return
     own, mine = module.state_dict(), module.get_extra_state()
+    if module.conlip_cfg.momentum_queues:  # tau is the config's, whatever the checkpoint was trained with
+        state_dict[prefix + "logit_scale"] = own["logit_scale"]
+    if _INITIALISING.get():
+        _start_missing_bias(own, state_dict, prefix)
     saved = state_dict.get(prefix + EXTRA_STATE)
     embed_dim = _saved_embed_dim(state_dict, prefix, saved)
     if embed_dim is not None and embed_dim != mine["embed_dim"]:
@@ -157,7 +176,8 @@ def reconcile_training_state(module: nn.Module, state_dict: dict, prefix: str, *
             f"(params.txt in its run folder names it); to start a new run from its weights, pass it as "
             f"--pretrained instead.")
     for key in missing + reshaped:
-        state_dict[prefix + key] = own[key]
+        twin = _momentum_twin(key, state_dict, prefix) if key in missing else None
+        state_dict[prefix + key] = own[key] if twin is None else twin
     for key in unused:
         del state_dict[prefix + key]
     logging.warning("ConLIP: starting from a checkpoint of other settings (%s): loaded the towers and what fits; "

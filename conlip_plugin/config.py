@@ -1,9 +1,12 @@
 """The ``conlip_cfg`` section of a model config: every switch of the spec's Variants table."""
+import math
 from dataclasses import dataclass, fields
 from typing import Optional
 
 VARIANTS = ("conlip", "vanilla", "cl")
-INSTANCE_LOSSES = ("dcl", "infonce")
+# ``recipe``: the instance loss open_clip_train builds from the run's flags (ClipLoss, SigLipLoss, ...),
+# on the online embeddings; no momentum encoders, no queues, a learnable ``logit_scale``.
+INSTANCE_LOSSES = ("dcl", "infonce", "recipe")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ class ConLIPCfg:
     image_weights: Optional[str] = None
     text_weights: bool = True
     image_checkpoint_blocks: int = 0
+    mlm_weight: float = 1.0
+    mim_weight: float = 1.0
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "ConLIPCfg":
@@ -65,6 +70,18 @@ class ConLIPCfg:
         need(self.image_checkpoint_blocks >= 0, "image_checkpoint_blocks is a count of ViT blocks (0: none)")
         need(self.variant == "cl" or self.conmlm or self.conmim,
              "variant 'conlip'/'vanilla' needs conmlm or conmim (use variant 'cl' for neither)")
+        need(not (self.variant == "cl" and self.instance_loss == "recipe"),
+             "variant 'cl' with instance_loss 'recipe' adds nothing to the base model: train the base "
+             "config itself (no conlip_cfg), or add heads with variant 'conlip' or 'vanilla'")
+        for key in ("mlm_weight", "mim_weight"):
+            value = getattr(self, key)
+            need(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
+                 f"{key} must be a finite number >= 0, got {value!r}")
+
+    @property
+    def momentum_queues(self) -> bool:
+        """DCL / InfoNCE train against momentum keys and queues; a recipe's own loss does not."""
+        return self.instance_loss != "recipe"
 
     @property
     def uses_heads(self) -> bool:
@@ -96,9 +113,10 @@ class ConLIPCfg:
         return self.mlm or (self.mim and self.variant == "conlip")
 
     def loss_names(self) -> dict:
+        """Logged term names; a recipe's instance loss names its own (``contrastive_loss``, ...)."""
         prefix = "con" if self.variant == "conlip" else ""
         return {
-            "instance": f"{self.instance_loss}_loss",
+            "instance": f"{self.instance_loss}_loss" if self.momentum_queues else None,
             "mlm": f"{prefix}mlm_loss",
             "mim": f"{prefix}mim_loss",
         }

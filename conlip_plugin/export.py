@@ -1,7 +1,7 @@
 """Export a ConLIP training checkpoint as a plain open_clip ``local-dir:`` folder.
 
 The folder holds ``open_clip_config.json`` (the model config without ``conlip_cfg``, and the
-preprocessing), ``open_clip_model.safetensors`` (the towers and ``logit_scale`` only: heads,
+preprocessing), ``open_clip_model.safetensors`` (the towers, ``logit_scale`` and SigLIP's ``logit_bias``: heads,
 momentum encoders and queues dropped) and the text tower's config and tokenizer files, so
 ``open_clip.create_model_and_transforms('local-dir:FOLDER')`` loads it with no plugin installed.
 
@@ -46,6 +46,8 @@ def export_inference_model(model_name: str, checkpoint: str, output_dir: str) ->
     model.text.config.save_pretrained(out)
     AutoTokenizer.from_pretrained(model_cfg["text_cfg"]["hf_tokenizer_name"]).save_pretrained(out)
     weights = {k: v.detach().contiguous().cpu() for k, v in model.inference_state_dict().items()}
+    if "logit_bias" in weights:  # SigLIP's bias: plain open_clip builds the parameter from this key
+        plain["init_logit_bias"] = float(weights["logit_bias"])
     save_file(weights, str(out / "open_clip_model.safetensors"))
     config = {"model_cfg": plain, "preprocess_cfg": dict(model.visual.preprocess_cfg)}
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -1,4 +1,5 @@
-"""ConLIP's losses: DCL / InfoNCE against momentum keys and queues (Eq. 9-12), MLM, MIM."""
+"""ConLIP's losses: DCL / InfoNCE against momentum keys and queues (Eq. 9-12), MLM, MIM, and the
+token losses added to a recipe's own instance loss (open_clip's ``ClipLoss``, ``SigLipLoss``, ...)."""
 from typing import Dict, Optional
 
 import torch
@@ -52,6 +53,18 @@ def instance_contrastive_loss(
         return (torch.logsumexp(negatives, dim=1) - positive).mean()
 
 
+def token_losses(names: Dict[str, str], weights: Dict[str, float], mlm_logits: Optional[torch.Tensor],
+                 mlm_labels: Optional[torch.Tensor], mim_predictions: Optional[torch.Tensor],
+                 mim_targets: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The weighted ConMLM / ConMIM terms (or Vanilla's) that the model's output holds, by name."""
+    losses = {}
+    if mlm_logits is not None:
+        losses[names["mlm"]] = weights["mlm"] * masked_token_loss(mlm_logits, mlm_labels)
+    if mim_predictions is not None:
+        losses[names["mim"]] = weights["mim"] * masked_pixel_loss(mim_predictions, mim_targets)
+    return losses
+
+
 def masked_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the labels that are not ``IGNORE_INDEX`` (0 if there are none).
 
@@ -87,6 +100,7 @@ class ConLIPLoss(nn.Module):
             names: Optional[Dict[str, str]] = None,
             rank: int = 0,
             monitor: Optional[HealthMonitor] = None,
+            weights: Optional[Dict[str, float]] = None,
     ):
         super().__init__()
         if instance_loss not in ("dcl", "infonce"):
@@ -96,11 +110,13 @@ class ConLIPLoss(nn.Module):
         self.names = names or {"instance": f"{instance_loss}_loss", "mlm": "conmlm_loss", "mim": "conmim_loss"}
         self.rank = rank
         self.monitor = monitor
+        self.weights = weights or {"mlm": 1.0, "mim": 1.0}
 
     @classmethod
     def from_cfg(cls, cfg: ConLIPCfg, rank: int = 0, monitor: Optional[HealthMonitor] = None) -> "ConLIPLoss":
         """The loss a model with this ``conlip_cfg`` trains with, on process ``rank``."""
-        return cls(cfg.instance_loss, cfg.in_batch_negatives, cfg.loss_names(), rank=rank, monitor=monitor)
+        return cls(cfg.instance_loss, cfg.in_batch_negatives, cfg.loss_names(), rank=rank, monitor=monitor,
+                   weights={"mlm": cfg.mlm_weight, "mim": cfg.mim_weight})
 
     def forward(
             self,
@@ -123,10 +139,43 @@ class ConLIPLoss(nn.Module):
         i2t = instance_contrastive_loss(image_features, text_momentum_features, text_queue, **kwargs)
         t2i = instance_contrastive_loss(text_features, image_momentum_features, image_queue, **kwargs)
         losses = {self.names["instance"]: i2t + t2i}
-        if mlm_logits is not None:
-            losses[self.names["mlm"]] = masked_token_loss(mlm_logits, mlm_labels)
-        if mim_predictions is not None:
-            losses[self.names["mim"]] = masked_pixel_loss(mim_predictions, mim_targets)
+        losses.update(token_losses(self.names, self.weights, mlm_logits, mlm_labels, mim_predictions, mim_targets))
         if self.monitor is not None and self.training:
             self.monitor.observe(losses, losses[self.names["instance"]], image_features, text_features)
+        return losses if output_dict else sum(losses.values())
+
+
+class RecipeWithTokenLosses(nn.Module):
+    """A recipe's own instance loss plus ConMLM / ConMIM: ``recipe + w_mlm * L_mlm + w_mim * L_mim``.
+
+    ``recipe`` is the loss object open_clip builds from the run's flags (``ClipLoss``,
+    ``SigLipLoss``, ``DistillClipLoss``); it gets the model's instance outputs (``logit_bias``, a
+    teacher's ``dist_*`` features) unchanged and names its own terms.
+    """
+
+    def __init__(self, recipe: nn.Module, names: Dict[str, str], weights: Dict[str, float]):
+        super().__init__()
+        self.recipe = recipe
+        self.names = names
+        self.weights = weights
+
+    @classmethod
+    def from_cfg(cls, recipe: nn.Module, cfg: ConLIPCfg) -> "RecipeWithTokenLosses":
+        return cls(recipe, cfg.loss_names(), {"mlm": cfg.mlm_weight, "mim": cfg.mim_weight})
+
+    def forward(
+            self,
+            image_features: torch.Tensor,
+            text_features: torch.Tensor,
+            logit_scale: torch.Tensor,
+            mlm_logits: Optional[torch.Tensor] = None,
+            mlm_labels: Optional[torch.Tensor] = None,
+            mim_predictions: Optional[torch.Tensor] = None,
+            mim_targets: Optional[torch.Tensor] = None,
+            output_dict: bool = False,
+            **recipe_inputs: torch.Tensor,
+    ):
+        losses = self.recipe(image_features, text_features, logit_scale, **recipe_inputs, output_dict=True)
+        losses = dict(losses)
+        losses.update(token_losses(self.names, self.weights, mlm_logits, mlm_labels, mim_predictions, mim_targets))
         return losses if output_dict else sum(losses.values())

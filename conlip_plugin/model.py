@@ -4,13 +4,16 @@ In eval mode (and for ``encode_image`` / ``encode_text``) it *is* the plain open
 the inherited code runs, with no masking, no state change and no collective. In train mode its
 forward runs the spec's passes (A)-(D), the momentum passes, and both heads, and returns what
 :class:`conlip_plugin.loss.ConLIPLoss` needs. The momentum encoders and queues change only in
-an optimizer step post-hook, so an AMP step that the scaler skips changes neither.
+an optimizer step post-hook, so an AMP step that the scaler skips changes neither. With
+``instance_loss: recipe`` there are no momentum encoders or queues: the output is the base
+model's (features, learnable ``logit_scale``, SigLIP's ``logit_bias``) plus the heads' outputs,
+for :class:`conlip_plugin.loss.RecipeWithTokenLosses`.
 """
 import dataclasses
 import math
 import os
 import weakref
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -58,8 +61,10 @@ class ConLIP(CustomTextCLIP):
             output_dict: bool = False,
     ):
         cfg = ConLIPCfg.from_dict(conlip_cfg)
-        if init_logit_bias is not None:
-            raise ValueError("ConLIP has no logit bias: its instance loss is DCL/InfoNCE, not SigLIP.")
+        if init_logit_bias is not None and cfg.momentum_queues:
+            raise ValueError(f"ConLIP's instance loss {cfg.instance_loss!r} has no logit bias (--siglip): to "
+                             f"keep SigLIP's loss and add the token losses, use conlip_cfg.instance_loss "
+                             f"'recipe' (the BASE+conmlm-conmim names).")
         text_cfg = dict(text_cfg)
         is_hf = "hf_model_name" in text_cfg
         if is_hf:
@@ -69,19 +74,25 @@ class ConLIP(CustomTextCLIP):
         load_tower_weights = bool(text_cfg.get("hf_model_pretrained", True))
         if is_hf:
             text_cfg["hf_model_pretrained"] = load_tower_weights and cfg.text_weights
+        # DCL / InfoNCE fix tau; a recipe's loss learns its own scale (and SigLIP's bias).
         super().__init__(
             embed_dim, vision_cfg, text_cfg, quick_gelu=quick_gelu,
-            init_logit_scale=math.log(1.0 / cfg.temperature), nonscalar_logit_scale=nonscalar_logit_scale,
+            init_logit_scale=math.log(1.0 / cfg.temperature) if cfg.momentum_queues else init_logit_scale,
+            init_logit_bias=init_logit_bias, nonscalar_logit_scale=nonscalar_logit_scale,
             cast_dtype=cast_dtype, output_dict=output_dict,
         )
-        self.logit_scale.requires_grad_(False)
         self.conlip_cfg = cfg
+        self.embed_dim = embed_dim
         if load_tower_weights and cfg.image_weights:
             load_image_tower_weights(self.visual, cfg.image_weights)
 
-        # Momentum copies come after the pretrained weights are in.
-        self.momentum_visual = momentum_copy(self.visual)
-        self.momentum_text = momentum_copy(self.text)
+        if cfg.momentum_queues:
+            self.logit_scale.requires_grad_(False)
+            # Momentum copies come after the pretrained weights are in.
+            self.momentum_visual = momentum_copy(self.visual)
+            self.momentum_text = momentum_copy(self.text)
+            self.image_queue = FeatureQueue(cfg.queue_size, embed_dim)
+            self.text_queue = FeatureQueue(cfg.queue_size, embed_dim)
         # Token-level access to each tower (towers.py), for the heads only; CL uses the towers' forwards.
         pieces = cfg.head_pieces()
         self.image_adapter = image_tokens_for(self.visual, pieces) if cfg.uses_heads else None
@@ -91,8 +102,6 @@ class ConLIP(CustomTextCLIP):
                              "model has none: set it to 0 and use --grad-checkpointing instead.")
         if cfg.image_checkpoint_blocks and not isinstance(self.image_adapter, TimmViTTokens):
             raise TowerError("conlip_cfg.image_checkpoint_blocks needs a timm ViT; use --grad-checkpointing instead.")
-        self.image_queue = FeatureQueue(cfg.queue_size, embed_dim)
-        self.text_queue = FeatureQueue(cfg.queue_size, embed_dim)
         self._build_masking_and_heads(cfg, text_cfg)
 
         self._ddp_params_and_buffers_to_ignore = [
@@ -104,7 +113,10 @@ class ConLIP(CustomTextCLIP):
         # to the queues after a real optimizer step and clears it. A step the AMP scaler skips never
         # runs the hook, so its keys are replaced by the next forward's and never enqueued.
         self.keys_to_enqueue: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-        self._register_step_hook()
+        if cfg.momentum_queues:
+            self._register_step_hook()
+        # Masks drawn by a no-gradient training forward, for the re-run of the same batch (see _masks).
+        self._drawn_masks: List[tuple] = []
         # Plain weights first get their momentum copies; then the settings are compared; then the
         # momentum copies are resized with the towers.
         self.register_load_state_dict_pre_hook(complete_plain_weights)
@@ -189,7 +201,7 @@ class ConLIP(CustomTextCLIP):
     def _follow_input_size(self) -> None:
         """After ``visual.set_input_size`` (open_clip's ``force_image_size``, e.g. fine-tuning at
         336 from a 224 checkpoint), resize the momentum tower and the patch masker to match."""
-        if hasattr(self.visual, "trunk") and hasattr(self.visual.trunk, "patch_embed"):
+        if hasattr(self, "momentum_visual") and hasattr(getattr(self.visual, "trunk", None), "patch_embed"):
             online, momentum = self.visual.trunk.patch_embed, self.momentum_visual.trunk.patch_embed
             if momentum.img_size != online.img_size:
                 self.momentum_visual.set_input_size(online.img_size)
@@ -200,14 +212,34 @@ class ConLIP(CustomTextCLIP):
             self.patch_masker = PatchMasker(grid, self.image_adapter.patch_size, cfg.image_mask_ratio,
                                             cfg.image_mask_block)
 
+    def _masks(self, image: torch.Tensor, text: torch.Tensor) -> tuple:
+        """This batch's (patch mask, masked ids, MLM labels, text positions to mask).
+
+        open_clip_train's ``--accum-freq`` runs each micro-batch twice, first without gradient to
+        cache its features, then with gradient on the very same tensors; the second run takes the
+        first's masks, so each micro-batch is masked once and its cached token terms are the ones
+        the gradient run recomputes. Entries hold weak references: they go with the batch.
+        """
+        self._drawn_masks = [e for e in self._drawn_masks if e[0]() is not None and e[1]() is not None]
+        for entry in self._drawn_masks:
+            if entry[0]() is image and entry[1]() is text:
+                self._drawn_masks.remove(entry)
+                return entry[2]
+        cfg = self.conlip_cfg
+        patch_mask = self.patch_masker(image.shape[0], image.device) if cfg.masked_image_pass else None
+        text_masks = self.text_masker(text) if cfg.masked_text_pass else (None, None, None)
+        masks = (patch_mask, *text_masks)
+        if not torch.is_grad_enabled():
+            self._drawn_masks.append((weakref.ref(image), weakref.ref(text), masks))
+        return masks
+
     def forward_train(self, image: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:
         cfg, vit, txt = self.conlip_cfg, self.image_adapter, self.text_adapter
         b = image.shape[0]
         self._follow_input_size()
-        patch_mask = masked_ids = mlm_labels = None
+        patch_mask, masked_ids, mlm_labels, to_mask = self._masks(image, text)
 
         if cfg.masked_image_pass:  # passes (A) and (C) as one batch
-            patch_mask = self.patch_masker(b, image.device)
             both = vit.tokens(self.visual, torch.cat([image, image]),
                               torch.cat([torch.zeros_like(patch_mask), patch_mask]), self.image_mask_token,
                               cfg.image_checkpoint_blocks)
@@ -215,17 +247,11 @@ class ConLIP(CustomTextCLIP):
         elif cfg.uses_heads:
             image_tokens = vit.tokens(self.visual, image, checkpoint_blocks=cfg.image_checkpoint_blocks)
         if cfg.masked_text_pass:  # passes (B) and (D) as one batch
-            masked_ids, mlm_labels, to_mask = self.text_masker(text)
             embed_mask = torch.cat([torch.zeros_like(to_mask), to_mask]) if txt.learned_mask else None
             both = txt.tokens(self.text, torch.cat([text, masked_ids]), embed_mask, getattr(self, "text_mask_token", None))
             text_tokens, masked_text_tokens = both[:b], both[b:]
         elif cfg.uses_heads:
             text_tokens = txt.tokens(self.text, text)
-
-        with torch.no_grad():
-            image_keys = gather_keys(F.normalize(self.momentum_visual(image).float(), dim=-1))
-            text_keys = gather_keys(F.normalize(self.momentum_text(text).float(), dim=-1))
-        self.keys_to_enqueue = (image_keys, text_keys)
 
         if cfg.uses_heads:
             image_embedding = vit.embedding(self.visual, image_tokens)
@@ -236,11 +262,16 @@ class ConLIP(CustomTextCLIP):
             "image_features": F.normalize(image_embedding, dim=-1),
             "text_features": F.normalize(text_embedding, dim=-1),
             "logit_scale": self.logit_scale.exp(),
-            "image_momentum_features": image_keys,
-            "text_momentum_features": text_keys,
-            "image_queue": self.image_queue.features,
-            "text_queue": self.text_queue.features,
         }
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        if cfg.momentum_queues:
+            with torch.no_grad():
+                image_keys = gather_keys(F.normalize(self.momentum_visual(image).float(), dim=-1))
+                text_keys = gather_keys(F.normalize(self.momentum_text(text).float(), dim=-1))
+            self.keys_to_enqueue = (image_keys, text_keys)
+            out.update(image_momentum_features=image_keys, text_momentum_features=text_keys,
+                       image_queue=self.image_queue.features, text_queue=self.text_queue.features)
         conditioned = cfg.variant == "conlip"
         if cfg.mlm:
             # ConLIP: [complete image's instance state (A, with gradient) ; masked image's patches (C)].
@@ -271,7 +302,7 @@ class ConLIP(CustomTextCLIP):
 
     def get_extra_state(self) -> dict:
         """Saved with the weights, so that a load can tell which ConLIP settings made a checkpoint."""
-        return {"conlip_cfg": dataclasses.asdict(self.conlip_cfg), "embed_dim": int(self.image_queue.features.shape[1])}
+        return {"conlip_cfg": dataclasses.asdict(self.conlip_cfg), "embed_dim": int(self.embed_dim)}
 
     def set_extra_state(self, state: dict) -> None:
         """Nothing to restore: ``reconcile_training_state`` compared the settings before the load."""

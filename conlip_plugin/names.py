@@ -1,7 +1,8 @@
 """Model names and config paths as the plugin resolves them for open_clip.
 
 ``BASE+conlip[-cl|-mlm|-mim|-vanilla]`` composes ConLIP's pieces onto any registered open_clip
-config; ``${ENV}``, ``~`` and ``pkg://package/sub/path`` in a ConLIP config's path-valued keys
+config, and ``BASE+conmlm``, ``+conmim``, ``+conmlm-conmim``, ``+mlm-mim`` add only the token losses
+to the recipe's own instance loss; ``${ENV}``, ``~`` and ``pkg://package/sub/path`` in a ConLIP config's path-valued keys
 become local paths (nothing is fetched from a hub). ``patches/config_paths.py`` puts both into
 ``open_clip.factory.get_model_config``.
 """
@@ -22,12 +23,17 @@ WRAP_SUFFIXES = {
     "conlip-mim": {"variant": "conlip", "conmlm": False},
     "conlip": {"variant": "conlip"},
     "conlip-vanilla": {"variant": "vanilla"},
+    # The recipe's own instance loss (CLIP, SigLIP) plus token losses: no momentum encoders, no queues.
+    "conmlm": {"variant": "conlip", "conmim": False, "instance_loss": "recipe"},
+    "conmim": {"variant": "conlip", "conmlm": False, "instance_loss": "recipe"},
+    "conmlm-conmim": {"variant": "conlip", "instance_loss": "recipe"},
+    "mlm-mim": {"variant": "vanilla", "instance_loss": "recipe"},
 }
 
 
 def wrapped_config(model_name: str, lookup: Callable[[str], Optional[dict]]) -> Optional[dict]:
-    """The config for ``BASE+conlip[-cl|-mlm|-mim|-vanilla]``: BASE's towers plus a ``conlip_cfg``
-    with the paper's defaults; None if the name has no such suffix."""
+    """The config for ``BASE+SUFFIX`` (a key of ``WRAP_SUFFIXES``): BASE's towers plus a
+    ``conlip_cfg`` with the paper's defaults; None if the name has no such suffix."""
     base_name, sep, suffix = model_name.rpartition(WRAP_SEPARATOR)
     if not sep or suffix not in WRAP_SUFFIXES:
         return None

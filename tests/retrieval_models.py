@@ -1,7 +1,7 @@
-"""Models and indexes for the conlip-retrieval tests, tiny and random: the four kinds of model the
-tool serves (a ConLIP training checkpoint, a ``BASE+conlip`` training checkpoint, a ConLIP checkpoint's
-exported ``local-dir:`` folder, and a plain open_clip model, its own ViT and text transformer, as a
-``local-dir:`` folder), and a finished index of the 30 coloured shapes of ``shapes_data`` built
+"""Models and indexes for the conlip-retrieval tests, tiny and random: the five kinds of model the
+tool serves (a ConLIP training checkpoint, ``BASE+conlip`` and ``BASE+conmlm-conmim`` training
+checkpoints, a ConLIP checkpoint's exported ``local-dir:`` folder, and a plain open_clip model, its
+own ViT and text transformer, as a ``local-dir:`` folder), and a finished index of the 30 coloured shapes of ``shapes_data`` built
 in-process in about a second."""
 import json
 from dataclasses import dataclass
@@ -29,8 +29,8 @@ def conlip_checkpoint(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def wrapped_base_checkpoint(root: Path, seed: int = 0) -> str:
-    """``BASE+conlip`` on a base config registered from ``root/configs`` (as ``CONLIP_MODEL_CONFIGS``
+def wrapped_base_checkpoint(root: Path, seed: int = 0, suffix: str = "conlip") -> str:
+    """``BASE+SUFFIX`` on a base config registered from ``root/configs`` (as ``CONLIP_MODEL_CONFIGS``
     does for the CLI), saved as open_clip_train saves it; returns the model name."""
     from conlip_plugin.activation import activate
 
@@ -41,9 +41,10 @@ def wrapped_base_checkpoint(root: Path, seed: int = 0) -> str:
     (root / "configs" / "rettest-native.json").write_text(json.dumps(native_base()))
     open_clip.add_model_config(root / "configs")
     torch.manual_seed(seed)
-    model = open_clip.create_model("rettest-native+conlip")
-    torch.save({"epoch": 1, "state_dict": model.state_dict()}, root / "rettest-native+conlip.pt")
-    return "rettest-native+conlip"
+    name = f"rettest-native+{suffix}"
+    model = open_clip.create_model(name)
+    torch.save({"epoch": 1, "state_dict": model.state_dict()}, root / f"{name}.pt")
+    return name
 
 
 def plain_open_clip_folder(folder: Path, seed: int = 0) -> Path:
@@ -69,9 +70,11 @@ def all_kinds(root: Path) -> Dict[str, Tuple[str, str]]:
     ckpt = conlip_checkpoint(root / "conlip-tiny.pt")
     exported = export_inference_model("conlip-tiny", str(ckpt), str(root / "exported"))
     wrapped = wrapped_base_checkpoint(root)
+    mixed = wrapped_base_checkpoint(root, seed=1, suffix="conmlm-conmim")
     plain = plain_open_clip_folder(root / "plain")
     return {"conlip checkpoint": ("conlip-tiny", str(ckpt)), "exported folder": (f"local-dir:{exported}", ""),
             "BASE+conlip checkpoint": (wrapped, str(root / f"{wrapped}.pt")),
+            "BASE+conmlm-conmim checkpoint": (mixed, str(root / f"{mixed}.pt")),
             "plain open_clip": (f"local-dir:{plain}", "")}
 
 

@@ -15,13 +15,16 @@ def test_bench_tiny_mode_reports_both_steps(tmp_path, run):
     proc = run([sys.executable, str(BENCH), "--size", "tiny", "--rounds", "1", "--steps", "2", "--warmup", "1",
                 "--device", "cpu", "--image-checkpoint-blocks", "0", "2", "--json", str(out)], tmp_path)
     report = json.loads(out.read_text())
-    clip, conlip, recomputed = (report["results"][k] for k in ("CLIP", "ConLIP", "ConLIP-r2"))
+    clip, conlip, recomputed, mix = (report["results"][k] for k in ("CLIP", "ConLIP", "ConLIP-r2",
+                                                                     "CLIP+ConMLM+ConMIM"))
     # ConLIP runs each tower on 2B online inputs plus B momentum inputs, and the heads: well over 2x CLIP.
     assert conlip["flop_ratio_to_clip"] > 2.0
+    # The mix has the 2B online inputs and the heads, but no momentum passes.
+    assert 2.0 < mix["flop_ratio_to_clip"] < conlip["flop_ratio_to_clip"]
     # Model FLOPs: recomputing blocks does not count as work done (MFU, not hardware utilisation).
     assert recomputed["gflop_per_sample"] == conlip["gflop_per_sample"]
     assert clip["speed_ratio_to_clip"] == 1.0 and 0 < conlip["speed_ratio_to_clip"]
-    for r in (clip, conlip, recomputed):
+    for r in (clip, conlip, recomputed, mix):
         assert r["samples_per_s"] > 0 and 0 < r["mfu"] < 2
     assert "ConLIP-r2" in proc.stdout and "MFU" in proc.stdout
 

@@ -70,12 +70,16 @@ def _fake_runs(t2i_rank_of_query, seeds=1):
 def test_summary_calls_a_clear_win_outside_and_a_tie_inside_the_noise():
     results, per_query = {}, {}
     for split, _ in demo.SPLITS:
-        clear = {"ConLIP": _fake_runs([0] * 300), "Vanilla": _fake_runs([20] * 300), "CL": _fake_runs([0] * 300)}
+        clear = {"ConLIP": _fake_runs([0] * 300), "Vanilla": _fake_runs([20] * 300), "CL": _fake_runs([0] * 300),
+                 "CLIP": _fake_runs([0] * 150 + [20] * 150), "CLIP+ConMLM+ConMIM": _fake_runs([0] * 300)}
         results[split] = {label: runs[0] for label, runs in clear.items()}
         per_query[split] = {label: runs[1] for label, runs in clear.items()}
     text = demo.summarise(results, per_query, seeds=1)
     assert "ConLIP − Vanilla = +100.0 points, outside the noise" in text
     assert "ConLIP − CL = +0.0 points, inside the noise" in text
+    assert "ConLIP − CLIP = +50.0 points, outside the noise" in text
+    assert "CLIP+ConMLM+ConMIM − CLIP = +50.0 points, outside the noise" in text
+    assert "| unseen | CLIP+ConMLM+ConMIM | 100.0 |" in text
     assert "one seed only" in text
 
 

@@ -1,4 +1,4 @@
-"""The README's main command in its smoke form: emoji data from npm, three models, report."""
+"""The README's main command in its smoke form: emoji data from npm, five models, report."""
 import json
 import shutil
 import sys
@@ -24,7 +24,7 @@ def test_smoke_demo_writes_the_report(tmp_path, run):
     results = json.loads((report / "results.json").read_text())
     assert set(results) == {"cross-style", "unseen"}
     for split in results.values():
-        assert set(split) == {"CL", "Vanilla", "ConLIP"}
+        assert set(split) == {"CLIP", "CLIP+ConMLM+ConMIM", "CL", "Vanilla", "ConLIP"}
         for runs in split.values():
             assert len(runs) == 1
             for k in (1, 5, 10):

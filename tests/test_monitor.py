@@ -353,11 +353,11 @@ def test_create_loss_patch_builds_a_monitor_for_rank_zero_from_args():
     model_cfg = open_clip.get_model_config("conlip-tiny-cl")
     args = argparse.Namespace(model="conlip-tiny-cl", accum_freq=1, distill=False, siglip=False, horovod=False,
                               precision="amp", rank=0, world_size=4, batch_size=8, warmup=10)
-    monitor = conlip_loss_for(args, model_cfg).monitor
+    monitor = conlip_loss_for(args, model_cfg, open_clip.create_loss).monitor
     assert monitor.negatives == 64 + 4 * 8 - 1
     assert monitor.collapse_value == pytest.approx(2 * math.log(95))
     assert monitor.warmup == MIN_WARMUP and monitor.world_size == 4
     args.warmup = 500
-    assert conlip_loss_for(args, model_cfg).monitor.warmup == 500
+    assert conlip_loss_for(args, model_cfg, open_clip.create_loss).monitor.warmup == 500
     args.rank = 1
-    assert conlip_loss_for(args, model_cfg).monitor is None
+    assert conlip_loss_for(args, model_cfg, open_clip.create_loss).monitor is None

@@ -36,7 +36,8 @@ def model_args(model: str, pretrained: str) -> list:
     return ["--model", model] + (["--pretrained", pretrained] if pretrained else [])
 
 
-KINDS = ["conlip checkpoint", "exported folder", "BASE+conlip checkpoint", "plain open_clip"]
+KINDS = ["conlip checkpoint", "exported folder", "BASE+conlip checkpoint", "BASE+conmlm-conmim checkpoint",
+         "plain open_clip"]
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,11 @@
-"""The main job: CL vs Vanilla vs ConLIP on real emoji image-caption pairs, evaluated and shown.
+"""The main job: open_clip's CLIP, CLIP + ConMLM + ConMIM, CL, Vanilla and ConLIP on real emoji
+image-caption pairs, evaluated and shown.
 
-Builds the emoji data from npm packages (``conlip-emoji``), pre-trains ``conlip-emoji-cl``,
+Builds the emoji data from npm packages (``conlip-emoji``), pre-trains ``conlip-emoji-clip`` (the
+towers alone: open_clip's own CLIP loss), ``conlip-emoji-clip+conmlm-conmim``, ``conlip-emoji-cl``,
 ``conlip-emoji-vanilla`` and ``conlip-emoji`` (a small ViT at the emoji's native 64 px and the
-pretrained all-MiniLM-L6-v2 text tower) for the same budget through the unmodified
+pretrained all-MiniLM-L6-v2 text tower; the same towers, data, flags, budget and seeds, so that
+the arms differ only in their losses) through the unmodified
 ``open_clip_train.main``, evaluates each with the stock ``clip_benchmark`` on the cross-style and
 unseen-emoji splits, measures the heads' attention to the instance slot (paper Table 2) and
 writes a report folder: results table, loss curves, Table 2 plot, and a retrieval gallery.
@@ -34,8 +37,11 @@ from ..data.karpathy import EVAL_DATASETS, read_flickr_annotation
 from .ranks import (DIRECTIONS, RECALL_K, bootstrap_interval, hits, query_images, rank_check, recall,
                     retrieval_ranks)
 
-# label -> model config; the smoke run swaps in the tiny random towers (same code path, seconds).
-VARIANTS = (("CL", "-cl"), ("Vanilla", "-vanilla"), ("ConLIP", ""))
+# label -> model config suffix; the smoke run swaps in the tiny random towers (same code path, seconds).
+VARIANTS = (("CLIP", "-clip"), ("CLIP+ConMLM+ConMIM", "-clip+conmlm-conmim"), ("CL", "-cl"),
+            ("Vanilla", "-vanilla"), ("ConLIP", ""))
+# (arm, baseline) pairs whose differences the report tests against the noise.
+COMPARISONS = (("ConLIP", "Vanilla"), ("ConLIP", "CL"), ("ConLIP", "CLIP"), ("CLIP+ConMLM+ConMIM", "CLIP"))
 SPLITS = (("cross-style", "test-cross-style"), ("unseen", "test-unseen"))
 METRICS = [(f"{d}_retrieval_recall@{k}", f"{'T2I' if d == 'image' else 'I2T'} R@{k}")
            for d in DIRECTIONS for k in RECALL_K]
@@ -68,6 +74,19 @@ def loss_curves(log: str) -> Dict[str, List[float]]:
     return curves
 
 
+def random_start(model: str, seed: int, out: Path) -> Path:
+    """A random-init checkpoint of a plain config whose text folder has no weights (the tiny BERT):
+    open_clip_train would load them at creation; from ``--pretrained`` it does not."""
+    import open_clip
+
+    base = model.split("+")[0]
+    path = out / "runs" / f"init-{base}-s{seed}.pt"
+    if not path.exists():
+        torch.manual_seed(seed)
+        torch.save({"state_dict": open_clip.create_model(base, pretrained_text=False).state_dict()}, path)
+    return path
+
+
 def train(model: str, seed: int, data: Path, out: Path, args: argparse.Namespace, gpu: bool) -> Path:
     """One model trained by the unmodified open_clip_train.main; a finished run's checkpoint is reused."""
     name = f"{model}-s{seed}"
@@ -83,6 +102,8 @@ def train(model: str, seed: int, data: Path, out: Path, args: argparse.Namespace
            "--lr-cooldown-power", "1.0", "--workers", "2", "--seed", str(seed), "--log-every-n-steps", "10",
            "--precision", "amp" if gpu else "fp32", "--device", "cuda" if gpu else "cpu",
            "--logs", str(out / "runs"), "--name", name, "--resume", "latest"]
+    if args.smoke and "-clip" in model:
+        cmd += ["--pretrained", str(random_start(model, seed, out))]
     if not args.smoke:
         # The pretrained MiniLM stays fixed (LiT-style; its projection and layer norms train): on
         # two CPU cores the budget goes to the image tower and ConLIP's heads. ConMLM still acts on
@@ -126,10 +147,10 @@ def summarise(results: Dict[str, Dict[str, List[dict]]], ranks: Dict[str, Dict[s
             lines.append(f"| {split} | {label} | " + " | ".join(cells) + " |")
     notes = []
     for split, _ in SPLITS:
-        for other in ("Vanilla", "CL"):
+        for arm, other in COMPARISONS:
             for direction, k, name in (("image", 1, "T2I R@1"), ("text", 1, "I2T R@1"),
                                        ("image", 10, "T2I R@10"), ("text", 10, "I2T R@10")):
-                mine, theirs = ranks[split]["ConLIP"], ranks[split][other]
+                mine, theirs = ranks[split][arm], ranks[split][other]
                 hits_a, hits_b = hits(mine, direction, k), hits(theirs, direction, k)
                 diff = 100 * float(hits_a.mean() - hits_b.mean())
                 low, high = bootstrap_interval(hits_a, hits_b, query_images(mine[0], direction))
@@ -144,7 +165,7 @@ def summarise(results: Dict[str, Dict[str, List[dict]]], ranks: Dict[str, Dict[s
                     outside = outside and abs(diff) > noise
                     detail += f"; 2 standard errors over seeds = {noise:.1f}"
                 verdict = "outside the noise" if outside else "inside the noise"
-                notes.append(f"- {split}, {name}: ConLIP − {other} = {diff:+.1f} points, {verdict} ({detail}).")
+                notes.append(f"- {split}, {name}: {arm} − {other} = {diff:+.1f} points, {verdict} ({detail}).")
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
@@ -312,7 +333,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     stream([sys.executable, "-m", "conlip_plugin.evaluation.attention", "--csv", str(data / "train" / "train.csv"),
             "--batches", "4", "--batch-size", "64", "--out", str(report),
             "--checkpoint", f"ConLIP={family}:{checkpoints[('ConLIP', 0)]}",
-            "--checkpoint", f"Vanilla={family}-vanilla:{checkpoints[('Vanilla', 0)]}"], out / "analysis.log")
+            "--checkpoint", f"Vanilla={family}-vanilla:{checkpoints[('Vanilla', 0)]}",
+            "--checkpoint", f"CLIP+ConMLM+ConMIM={family}-clip+conmlm-conmim:{checkpoints[('CLIP+ConMLM+ConMIM', 0)]}"],
+           out / "analysis.log")
     say("drawing loss curves and the retrieval gallery")
     plot_losses(curves, report / "losses.png")
     gallery(family, checkpoints[("ConLIP", 0)], data / "test-cross-style", report)
