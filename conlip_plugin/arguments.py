@@ -1,6 +1,7 @@
 """argparse types the console commands share: a bad value stops at parsing with the flag named."""
 import argparse
 import math
+from pathlib import Path
 
 
 def positive_int(text: str) -> int:
@@ -63,3 +64,11 @@ def torch_device(text: str) -> str:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise argparse.ArgumentTypeError(f"{text}, but torch sees no Apple GPU (MPS) here; pass --device cpu")
     return text
+
+
+def existing_file(text: str) -> Path:
+    """A file that is there now (not a folder)."""
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file" + (" (it is a folder)" if path.is_dir() else ""))
+    return path

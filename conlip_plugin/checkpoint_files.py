@@ -64,6 +64,23 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
+def refuse_nonfinite_checkpoint(obj: Any, path: str) -> None:
+    """Stop the run rather than write a ConLIP checkpoint (one with ConLIP's extra state) whose
+    weights hold NaN or inf: it would replace, or with ``--delete-previous-checkpoint`` delete, a good one."""
+    from .finite_steps import nonfinite_weights
+
+    state = obj.get("state_dict") if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not any(k.endswith("_extra_state") for k in state):
+        return
+    bad = nonfinite_weights(state)
+    if bad:
+        raise SystemExit(
+            f"conlip-plugin: not writing {path}: {len(bad)} of its weight tensors hold NaN or inf (first: "
+            f"{', '.join(bad[:3])}), so the run stops and the checkpoints before it stay as they are. Resume from "
+            f"the newest of them (--resume latest) with the cause removed: most often a learning rate too high "
+            f"(lower --lr, a longer --warmup, --grad-clip-norm).")
+
+
 def atomic_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
     """``torch.save`` whose target path holds either its previous content or the complete new file.
 
@@ -77,6 +94,7 @@ def atomic_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
         torch.save(obj, f, *args, **kwargs)
         return
     path = os.fspath(f)
+    refuse_nonfinite_checkpoint(obj, path)
     partial = partial_path(path)
     try:
         torch.save(obj, partial, *args, **kwargs)

@@ -27,7 +27,8 @@ MOMENTUM_TWINS = (("momentum_visual.", "visual."), ("momentum_text.", "text."))
 # conlip_cfg keys that decide which tensors a model has, or their shapes.
 STRUCTURAL_KEYS = ("variant", "conmlm", "conmim", "queue_size", "head_layers", "head_shared", "head_heads",
                    "head_mlp_ratio")
-NOT_COMPARED = ("image_weights", "text_weights", "image_checkpoint_blocks")
+NOT_COMPARED = ("image_weights", "text_weights", "image_checkpoint_blocks", "image_checkpoint_policy",
+                "trim_text_multiple", "max_nonfinite_steps")
 _INITIALISING: ContextVar[bool] = ContextVar("conlip_initialising_from_checkpoint", default=False)
 
 

@@ -7,6 +7,7 @@ VARIANTS = ("conlip", "vanilla", "cl")
 # ``recipe``: the instance loss open_clip_train builds from the run's flags (ClipLoss, SigLipLoss, ...),
 # on the online embeddings; no momentum encoders, no queues, a learnable ``logit_scale``.
 INSTANCE_LOSSES = ("dcl", "infonce", "recipe")
+CHECKPOINT_POLICIES = ("full", "selective")
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,11 @@ class ConLIPCfg:
     image_weights: Optional[str] = None
     text_weights: bool = True
     image_checkpoint_blocks: int = 0
+    image_checkpoint_policy: str = "full"
     mlm_weight: float = 1.0
     mim_weight: float = 1.0
+    trim_text_multiple: int = 8
+    max_nonfinite_steps: int = 3
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "ConLIPCfg":
@@ -68,11 +72,19 @@ class ConLIPCfg:
         need(self.head_layers >= 1, "head_layers must be >= 1")
         need(self.head_heads is None or self.head_heads >= 1, "head_heads must be >= 1 (or null: width / 64)")
         need(self.image_checkpoint_blocks >= 0, "image_checkpoint_blocks is a count of ViT blocks (0: none)")
+        need(self.image_checkpoint_policy in CHECKPOINT_POLICIES,
+             f"image_checkpoint_policy must be one of {CHECKPOINT_POLICIES} (what a recomputed block keeps: "
+             f"nothing, or its matmul and attention outputs)")
         need(self.variant == "cl" or self.conmlm or self.conmim,
              "variant 'conlip'/'vanilla' needs conmlm or conmim (use variant 'cl' for neither)")
         need(not (self.variant == "cl" and self.instance_loss == "recipe"),
              "variant 'cl' with instance_loss 'recipe' adds nothing to the base model: train the base "
              "config itself (no conlip_cfg), or add heads with variant 'conlip' or 'vanilla'")
+        need(isinstance(self.trim_text_multiple, int) and self.trim_text_multiple >= 0,
+             "trim_text_multiple is a token count (training captions are cut to the batch's longest, rounded "
+             "up to a multiple of it); 0 keeps the full context length")
+        need(isinstance(self.max_nonfinite_steps, int) and self.max_nonfinite_steps >= 1,
+             "max_nonfinite_steps is how many refused (non-finite) steps in a row stop the run: at least 1")
         for key in ("mlm_weight", "mim_weight"):
             value = getattr(self, key)
             need(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,

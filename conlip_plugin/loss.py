@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConLIPCfg
+from .finite_steps import observe_loss_terms
 from .masking import IGNORE_INDEX
 from .monitor import HealthMonitor
 
@@ -140,6 +141,8 @@ class ConLIPLoss(nn.Module):
         t2i = instance_contrastive_loss(text_features, image_momentum_features, image_queue, **kwargs)
         losses = {self.names["instance"]: i2t + t2i}
         losses.update(token_losses(self.names, self.weights, mlm_logits, mlm_labels, mim_predictions, mim_targets))
+        if self.training:
+            losses = observe_loss_terms(losses)
         if self.monitor is not None and self.training:
             self.monitor.observe(losses, losses[self.names["instance"]], image_features, text_features)
         return losses if output_dict else sum(losses.values())
@@ -178,4 +181,6 @@ class RecipeWithTokenLosses(nn.Module):
         losses = self.recipe(image_features, text_features, logit_scale, **recipe_inputs, output_dict=True)
         losses = dict(losses)
         losses.update(token_losses(self.names, self.weights, mlm_logits, mlm_labels, mim_predictions, mim_targets))
+        if self.training:
+            losses = observe_loss_terms(losses)
         return losses if output_dict else sum(losses.values())

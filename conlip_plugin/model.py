@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from open_clip.model import CustomTextCLIP
 
@@ -29,11 +29,12 @@ from .checkpoint_loading import (
     reconcile_training_state,
 )
 from .config import ConLIPCfg
+from .finite_steps import StepGuard
 from .heads import ConditionedHead, MLMPredictionHead, init_head_weights
 from .masking import IGNORE_INDEX, PatchMasker, TextMasker, patchify, true_positions_first
 from .momentum import FeatureQueue, ema_update_, gather_keys, momentum_copy
 from .tower_weights import load_image_tower_weights
-from .towers import TimmViTTokens, TowerError, image_tokens_for, text_tokens_for
+from .towers import TimmViTTokens, TowerError, causal_text_reader, image_tokens_for, text_tokens_for
 
 
 def _require_dir(path: Optional[str], what: str) -> str:
@@ -97,6 +98,9 @@ class ConLIP(CustomTextCLIP):
         pieces = cfg.head_pieces()
         self.image_adapter = image_tokens_for(self.visual, pieces) if cfg.uses_heads else None
         self.text_adapter = text_tokens_for(self.text, pieces) if cfg.uses_heads else None
+        # open_clip's causal text tower takes only full-context ids through its own forward; trimmed
+        # captions (text_padding.py) go through the adapter, whose causal mask follows their length.
+        self._causal_text = causal_text_reader(self.text)
         if cfg.image_checkpoint_blocks and not cfg.uses_heads:
             raise TowerError("conlip_cfg.image_checkpoint_blocks applies to the heads' image passes; a 'cl' "
                              "model has none: set it to 0 and use --grad-checkpointing instead.")
@@ -113,8 +117,8 @@ class ConLIP(CustomTextCLIP):
         # to the queues after a real optimizer step and clears it. A step the AMP scaler skips never
         # runs the hook, so its keys are replaced by the next forward's and never enqueued.
         self.keys_to_enqueue: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-        if cfg.momentum_queues:
-            self._register_step_hook()
+        self.step_guard = StepGuard(cfg.max_nonfinite_steps)
+        self._register_step_hooks()
         # Masks drawn by a no-gradient training forward, for the re-run of the same batch (see _masks).
         self._drawn_masks: List[tuple] = []
         # Plain weights first get their momentum copies; then the settings are compared; then the
@@ -153,16 +157,26 @@ class ConLIP(CustomTextCLIP):
 
     # --- momentum encoders and queues: once per real optimizer step --------------------------
 
-    def _register_step_hook(self) -> None:
+    def _register_step_hooks(self) -> None:
+        """Before each step of an optimizer of this model: refuse it if a gradient is not finite
+        (finite_steps.py); after it: the EMA and the enqueue, weighed by whether it was applied."""
         model_ref = weakref.ref(self)
+
+        def before_optimizer_step(optimizer, args, kwargs) -> None:
+            model = model_ref()
+            if model is not None and model._is_stepped_by(optimizer):
+                model.step_guard.before_step(optimizer)
 
         def after_optimizer_step(optimizer, args, kwargs) -> None:
             model = model_ref()
             if model is not None and model._is_stepped_by(optimizer):
-                model.momentum_step()
+                accept = model.step_guard.after_step(optimizer)
+                if model.conlip_cfg.momentum_queues:
+                    model.momentum_step(accept)
 
-        handle = register_optimizer_step_post_hook(after_optimizer_step)
-        weakref.finalize(self, handle.remove)
+        for handle in (register_optimizer_step_pre_hook(before_optimizer_step),
+                       register_optimizer_step_post_hook(after_optimizer_step)):
+            weakref.finalize(self, handle.remove)
 
     def _is_stepped_by(self, optimizer: torch.optim.Optimizer) -> bool:
         mine = {id(p) for p in self.parameters() if p.requires_grad}
@@ -174,14 +188,15 @@ class ConLIP(CustomTextCLIP):
         return momentum, online
 
     @torch.no_grad()
-    def momentum_step(self) -> None:
-        """EMA of the momentum encoders, then write the last training batch's keys to the queues."""
+    def momentum_step(self, accept: Optional[torch.Tensor] = None) -> None:
+        """EMA of the momentum encoders, then write the last training batch's keys to the queues;
+        both weighed by ``accept`` (a device 0-d tensor: 0 for a refused step) when it is given."""
         momentum, online = self._online_and_momentum_params()
-        ema_update_(momentum, online, self.conlip_cfg.momentum)
+        ema_update_(momentum, online, self.conlip_cfg.momentum, accept)
         if self.keys_to_enqueue is not None:
             image_keys, text_keys = self.keys_to_enqueue
-            self.image_queue.enqueue(image_keys)
-            self.text_queue.enqueue(text_keys)
+            self.image_queue.enqueue(image_keys, accept)
+            self.text_queue.enqueue(text_keys, accept)
             self.keys_to_enqueue = None
 
     # --- forward ------------------------------------------------------------------------------
@@ -233,6 +248,11 @@ class ConLIP(CustomTextCLIP):
             self._drawn_masks.append((weakref.ref(image), weakref.ref(text), masks))
         return masks
 
+    def _text_instance(self, tower: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """``tower``'s instance embedding of ``ids``, which may be shorter than the context."""
+        reader = self._causal_text
+        return tower(ids) if reader is None else reader.embedding(tower, reader.tokens(tower, ids), ids)
+
     def forward_train(self, image: torch.Tensor, text: torch.Tensor) -> Dict[str, torch.Tensor]:
         cfg, vit, txt = self.conlip_cfg, self.image_adapter, self.text_adapter
         b = image.shape[0]
@@ -242,10 +262,11 @@ class ConLIP(CustomTextCLIP):
         if cfg.masked_image_pass:  # passes (A) and (C) as one batch
             both = vit.tokens(self.visual, torch.cat([image, image]),
                               torch.cat([torch.zeros_like(patch_mask), patch_mask]), self.image_mask_token,
-                              cfg.image_checkpoint_blocks)
+                              cfg.image_checkpoint_blocks, cfg.image_checkpoint_policy)
             image_tokens, masked_image_tokens = both[:b], both[b:]
         elif cfg.uses_heads:
-            image_tokens = vit.tokens(self.visual, image, checkpoint_blocks=cfg.image_checkpoint_blocks)
+            image_tokens = vit.tokens(self.visual, image, checkpoint_blocks=cfg.image_checkpoint_blocks,
+                                      checkpoint_policy=cfg.image_checkpoint_policy)
         if cfg.masked_text_pass:  # passes (B) and (D) as one batch
             embed_mask = torch.cat([torch.zeros_like(to_mask), to_mask]) if txt.learned_mask else None
             both = txt.tokens(self.text, torch.cat([text, masked_ids]), embed_mask, getattr(self, "text_mask_token", None))
@@ -257,7 +278,7 @@ class ConLIP(CustomTextCLIP):
             image_embedding = vit.embedding(self.visual, image_tokens)
             text_embedding = txt.embedding(self.text, text_tokens, text)
         else:
-            image_embedding, text_embedding = self.visual(image), self.text(text)
+            image_embedding, text_embedding = self.visual(image), self._text_instance(self.text, text)
         out = {
             "image_features": F.normalize(image_embedding, dim=-1),
             "text_features": F.normalize(text_embedding, dim=-1),
@@ -268,7 +289,7 @@ class ConLIP(CustomTextCLIP):
         if cfg.momentum_queues:
             with torch.no_grad():
                 image_keys = gather_keys(F.normalize(self.momentum_visual(image).float(), dim=-1))
-                text_keys = gather_keys(F.normalize(self.momentum_text(text).float(), dim=-1))
+                text_keys = gather_keys(F.normalize(self._text_instance(self.momentum_text, text).float(), dim=-1))
             self.keys_to_enqueue = (image_keys, text_keys)
             out.update(image_momentum_features=image_keys, text_momentum_features=text_keys,
                        image_queue=self.image_queue.features, text_queue=self.text_queue.features)

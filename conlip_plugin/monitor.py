@@ -63,6 +63,8 @@ from typing import Deque, Dict, Optional, Tuple
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .finite_steps import refused_steps
+
 logger = logging.getLogger(__name__)
 
 MARGIN = 0.15
@@ -217,7 +219,7 @@ class HealthMonitor:
         now = time.perf_counter()
         mean_loss = loss_sum / loss_count if loss_count else math.nan
         image_cos, text_cos = image_cos / steps, text_cos / steps
-        skipped = self._calls - self._steps
+        skipped = self._calls - self._steps + refused_steps()
         new_trouble = skipped > self._seen_skipped or sum(nonfinite) > self._seen_nonfinite
         counts = " ".join(f"{name}={count}" for name, count in zip(self._names, nonfinite))
         logger.log(

@@ -14,11 +14,12 @@ What "the instance embedding" and "the mask token" are, per family:
   ``pool_type``) before the projection; the BPE vocabulary has no mask token, so masked tokens get a
   learned mask embedding in place of their token embedding (positions are kept).
 """
+import inspect
 from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from open_clip.hf_model import ClsLastHiddenStatePooler, HFTextEncoder
 from open_clip.timm_model import TimmModel
@@ -27,6 +28,37 @@ from open_clip.transformer import TextTransformer, VisionTransformer, text_globa
 
 class TowerError(ValueError):
     pass
+
+
+# What a selectively recomputed block keeps: the outputs of its matmuls and attention (most of its
+# FLOPs); norms, activations, residual adds and dropout are recomputed in backward.
+_KEPT_OPS = {getattr(torch.ops.aten, name).default for name in (
+    "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name)}
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_contexts():
+    return create_selective_checkpoint_contexts(_keep_matmuls)
+
+
+# Tensors a selective region keeps go through saved_tensors_hooks (and so are counted by them) where
+# torch has the switch (2.12 and later); older releases pass them by.
+_SELECTIVE = {"context_fn": _selective_contexts}
+if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters:
+    _SELECTIVE["respect_saved_tensors_hooks"] = True
+
+
+def recomputed(block: nn.Module, x: torch.Tensor, policy: str) -> torch.Tensor:
+    """``block(x)``, its activations recomputed in backward: all of them (``full``), or all but its
+    matmul and attention outputs (``selective``)."""
+    if policy == "selective":
+        return checkpoint(block, x, use_reentrant=False, **_SELECTIVE)
+    return checkpoint(block, x, use_reentrant=False)
 
 
 _NO_PATCH_DROPOUT = (
@@ -75,16 +107,18 @@ class TimmViTTokens(CLSFirstImageTokens):
 
     @staticmethod
     def tokens(visual: nn.Module, images: torch.Tensor, patch_mask: Optional[torch.Tensor] = None,
-               mask_token: Optional[torch.Tensor] = None, checkpoint_blocks: int = 0) -> torch.Tensor:
+               mask_token: Optional[torch.Tensor] = None, checkpoint_blocks: int = 0,
+               checkpoint_policy: str = "full") -> torch.Tensor:
         """(B, 1+N, D) final-norm token states; ``checkpoint_blocks`` leading blocks are recomputed
-        in backward (all of them once open_clip's ``--grad-checkpointing`` is set on the tower)."""
+        in backward (all of them once open_clip's ``--grad-checkpointing`` is set on the tower),
+        as ``checkpoint_policy`` says (:func:`recomputed`)."""
         trunk = visual.trunk
         x = _where_masked(trunk.patch_embed(images), patch_mask, mask_token)
         x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(x)))
         recompute = len(trunk.blocks) if trunk.grad_checkpointing else checkpoint_blocks
         for i, block in enumerate(trunk.blocks):
             if i < recompute and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = recomputed(block, x, "full" if trunk.grad_checkpointing else checkpoint_policy)
             else:
                 x = block(x)
         return trunk.norm(x)
@@ -114,7 +148,8 @@ class OpenClipViTTokens(CLSFirstImageTokens):
 
     @staticmethod
     def tokens(visual: nn.Module, images: torch.Tensor, patch_mask: Optional[torch.Tensor] = None,
-               mask_token: Optional[torch.Tensor] = None, checkpoint_blocks: int = 0) -> torch.Tensor:
+               mask_token: Optional[torch.Tensor] = None, checkpoint_blocks: int = 0,
+               checkpoint_policy: str = "full") -> torch.Tensor:
         """(B, 1+N, D) token states after ``ln_post``; ``checkpoint_blocks`` is not used here
         (open_clip's ``--grad-checkpointing`` recomputes every block of this tower)."""
         x = visual.conv1(images).flatten(2).transpose(1, 2)
@@ -220,10 +255,11 @@ class OpenClipTextTokens:
         """(B, L, D) states after ``ln_final``; masked positions get the learned mask embedding."""
         cast_dtype = text.transformer.get_cast_dtype()
         x = _where_masked(text.token_embedding(ids).to(cast_dtype), embed_mask, mask_embedding)
-        attn_mask = text.attn_mask
+        # The causal mask is built for the context length; captions cut to the batch's longest are shorter.
+        attn_mask = None if text.attn_mask is None else text.attn_mask[: ids.shape[1], : ids.shape[1]]
         if text.use_pad_mask:
             pad = text._build_additive_mask(ids, ids.shape[1], x.dtype)
-            attn_mask = pad if attn_mask is None else attn_mask[: ids.shape[1], : ids.shape[1]].unsqueeze(0) + pad
+            attn_mask = pad if attn_mask is None else attn_mask.unsqueeze(0) + pad
         x = x + text.positional_embedding[: ids.shape[1]].to(cast_dtype)
         return text.ln_final(text.transformer(x, attn_mask=attn_mask))
 
@@ -251,6 +287,16 @@ class OpenClipTextTokens:
         own = torch.zeros_like(valid)
         own[rows, self._instance_index(text, masked, masked_ids)] = True
         return torch.cat([instance, masked], dim=1), torch.cat([torch.ones_like(valid[:, :1]), valid & ~own], dim=1)
+
+
+def causal_text_reader(text: nn.Module) -> Optional[OpenClipTextTokens]:
+    """An adapter for open_clip's causal text tower, or None (another tower, or one it cannot read)."""
+    if not isinstance(text, TextTransformer):
+        return None
+    try:
+        return OpenClipTextTokens(text, "ConLIP")
+    except TowerError:
+        return None
 
 
 def text_tokens_for(text: nn.Module, piece: str = "ConLIP"):

@@ -51,9 +51,11 @@ def conlip_loss_for(args, model_cfg: dict, recipe_loss: Callable[[Any], Any]):
     """Check ``args`` against ConLIP's needs, then build its loss; ``recipe_loss(args)`` is
     open_clip's own factory, whose loss a model with ``instance_loss: recipe`` keeps."""
     from conlip_plugin.config import ConLIPCfg
+    from conlip_plugin.finite_steps import set_checkpoint_dir
     from conlip_plugin.loss import ConLIPLoss, RecipeWithTokenLosses
 
     cfg = ConLIPCfg.from_dict(model_cfg["conlip_cfg"])
+    set_checkpoint_dir(getattr(args, "checkpoint_path", None))
     if not cfg.momentum_queues:
         return RecipeWithTokenLosses.from_cfg(recipe_loss(args), cfg)
     problems = [why for key, bad, why in _REFUSED if bad(getattr(args, key, None))]

@@ -298,3 +298,13 @@ def test_resume_restores_the_mixed_run_bit_for_bit_and_accumulation_trains(bases
     _train(run, bases, caption_data, accum, model, base, 2, "--accum-freq", "2")
     means = epoch_means((accum / "logs" / "recipe" / "out.log").read_text())
     assert set(means) == {"Contrastive_loss", "Conmlm_loss", "Conmim_loss"}
+
+
+@pytest.mark.slow
+def test_distillation_composes_with_the_token_losses(bases, caption_data, run, tmp_path):
+    """--distill: open_clip's DistillClipLoss gets the teacher's features; the token terms join it."""
+    base = "recipetest-hf"
+    _train(run, bases, caption_data, tmp_path, f"{base}+conmlm-conmim", base, 1, "--distill-model", base,
+           "--distill-pretrained", str(bases[base]))
+    means = epoch_means((tmp_path / "logs" / "recipe" / "out.log").read_text())
+    assert set(means) == {"Contrastive_loss", "Distill_loss", "Conmlm_loss", "Conmim_loss"}

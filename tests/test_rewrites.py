@@ -29,18 +29,31 @@ def test_image_tokens_equal_timm_forward_features(model):
 
 
 def test_recomputed_blocks_give_the_same_tokens_and_gradients(model):
+    """Full and selective recomputation (image_checkpoint_policy) change no value, and the selective
+    one keeps tensors for backward that the full one recomputes."""
     images = torch.randn(4, 3, 64, 64)
     mask = torch.zeros(4, 16, dtype=torch.bool)
     mask[:, ::3] = True
-    grads = []
-    for blocks in (0, 4):
+    grads, saved = [], []
+    for blocks, policy in ((0, "full"), (4, "full"), (4, "selective")):
         twin = copy.deepcopy(model)
-        out = TimmViTTokens.tokens(twin.visual, images, mask, twin.image_mask_token, checkpoint_blocks=blocks)
+        count = [0]
+
+        def pack(t, count=count):
+            count[0] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = TimmViTTokens.tokens(twin.visual, images, mask, twin.image_mask_token, checkpoint_blocks=blocks,
+                                       checkpoint_policy=policy)
         (out.square().mean() + out[:, 0].sum()).backward()
         grads.append((out.detach(), twin.image_mask_token.grad.clone(),
                       twin.visual.trunk.blocks[0].attn.qkv.weight.grad.clone()))
-    for a, b in zip(*grads):
-        assert torch.allclose(a, b, atol=1e-6)
+        saved.append(count[0])
+    for reference, other in ((grads[0], grads[1]), (grads[0], grads[2])):
+        for a, b in zip(reference, other):
+            assert torch.allclose(a, b, atol=1e-6)
+    assert saved[1] < saved[2] < saved[0]
 
 
 def test_complete_and_masked_passes_as_one_batch_equal_two_batches(model):
