@@ -15,6 +15,8 @@ import conlip_plugin
 from conlip_plugin import ConLIPCfg
 from conlip_plugin.loss import RecipeWithTokenLosses
 from conlip_plugin.masking import IGNORE_INDEX
+import gloo_recipe_worker
+from gloo_recipe_worker import loss_args
 from test_mix_into_recipes import epoch_means
 from test_preemption import assert_bitwise_equal
 from tiny_configs import hf_base, native_base
@@ -48,14 +50,6 @@ def bases(tmp_path_factory):
         torch.save({"state_dict": plain.state_dict()}, root / f"{name}.pt")
         out[name] = root / f"{name}.pt"
     return out
-
-
-def _args(model: str, **kw) -> argparse.Namespace:
-    base = dict(model=model, distill=False, siglip=False, local_loss=False, gather_with_grad=False, rank=0,
-                world_size=1, horovod=False, loss_dist_impl=None, accum_freq=1, precision="fp32", batch_size=4,
-                warmup=10, coca_caption_loss_weight=2.0, coca_contrastive_loss_weight=1.0)
-    base.update(kw)
-    return argparse.Namespace(**base)
 
 
 def _clip_loss64(image, text, scale):
@@ -94,7 +88,7 @@ def _token_losses64(out, weights):
 def test_instance_term_is_open_clips_own_loss_and_the_token_terms_are_weighted(bases, siglip):
     """Value and gradients of every term against float64 loops; the loss object is open_clip's own."""
     name = "recipetest-weighted"
-    loss = open_clip.create_loss(_args(name, siglip=siglip))
+    loss = open_clip.create_loss(loss_args(name, siglip=siglip))
     assert isinstance(loss, RecipeWithTokenLosses)
     assert type(loss.recipe) is (SigLipLoss if siglip else ClipLoss)
     torch.manual_seed(0)
@@ -196,23 +190,6 @@ def test_accumulation_reruns_take_the_first_runs_masks(bases):
     assert not torch.equal(third["mim_targets"], second[0]["mim_targets"])
 
 
-def _gloo_worker(rank: int, world: int, port: int, configs: str, features: tuple, queue) -> None:
-    import torch.distributed as dist
-
-    open_clip.add_model_config(configs)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    image, text, scale = (t.clone().requires_grad_() for t in features)
-    b = image.shape[0] // world
-    loss = open_clip.create_loss(_args("recipetest-hf+conmlm-conmim", rank=rank, world_size=world,
-                                       local_loss=True, gather_with_grad=True))
-    local_image, local_text = image[rank * b:(rank + 1) * b], text[rank * b:(rank + 1) * b]
-    value = loss(local_image, local_text, scale, output_dict=True)["contrastive_loss"]
-    value.backward()
-    rows = slice(rank * b, (rank + 1) * b)  # plain lists: shared tensors would outlive this process
-    queue.put((rank, value.item(), image.grad[rows].tolist(), text.grad[rows].tolist()))
-    dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_with_local_loss_match_one_process_on_the_global_batch(bases):
     """--local-loss --gather-with-grad on 2 ranks: the mean loss and the (rank-averaged) gradients of
@@ -229,11 +206,11 @@ def test_two_gloo_processes_with_local_loss_match_one_process_on_the_global_batc
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_gloo_worker, args=(r, 2, port, bases["env"]["CONLIP_MODEL_CONFIGS"],
+    procs = [ctx.Process(target=gloo_recipe_worker.run, args=(r, 2, port, bases["env"]["CONLIP_MODEL_CONFIGS"],
                                                               (image, text, scale), queue)) for r in range(2)]
     for p in procs:
         p.start()
-    got = sorted((queue.get(timeout=60) for _ in procs), key=lambda r: r[0])
+    got = sorted((queue.get(timeout=120) for _ in procs), key=lambda r: r[0])
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
@@ -267,7 +244,8 @@ def _train(run, bases, caption_data, workdir, model, base, epochs, *extra, main=
 ])
 def test_each_mix_trains_through_the_cli_with_falling_terms(bases, caption_data, run, tmp_path, base, suffix, flags,
                                                            terms):
-    _train(run, bases, caption_data, tmp_path, f"{base}+{suffix}", base, 3, *flags)
+    lr = ("--lr", "5e-4") if "--siglip" in flags else ()  # at 1e-3 SigLIP's loss spikes on the BERT base
+    _train(run, bases, caption_data, tmp_path, f"{base}+{suffix}", base, 3, *flags, *lr)
     means = epoch_means((tmp_path / "logs" / "recipe" / "out.log").read_text())
     assert set(means) == terms
     for term, per_epoch in means.items():
