@@ -14,7 +14,7 @@ CONFIGS_ENV = "CONLIP_MODEL_CONFIGS"
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 
 _OPEN_CLIP_PATCHES = ("config_paths", "preprocess_cfg", "model_class", "create_loss", "pretrained_init")
-_TRAIN_PATCHES = ("cpu_ddp", "sample_errors", "checkpoint_files", "trim_captions")
+_TRAIN_PATCHES = ("cpu_ddp", "sample_errors", "checkpoint_files", "trim_captions", "preemption", "elastic_restarts")
 _done: set = set()
 # A named logger: the root-level logging functions would install a handler of their own at import
 # time (logging.basicConfig), and every later line of open_clip_train would print twice.

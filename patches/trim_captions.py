@@ -42,14 +42,10 @@ def trimming_multiple(model_name: str) -> Optional[int]:
     return multiple if multiple and not reason else None
 
 
-def _torch_loader(loader):
-    """The torch DataLoader itself: webdataset's WebLoader holds it as its pipeline's first stage."""
-    return loader.pipeline[0] if hasattr(loader, "pipeline") else loader
-
-
 def apply() -> None:
     import open_clip_train.data as data
 
+    from conlip_plugin.loaders import torch_data_loader
     from conlip_plugin.text_padding import TrimCaptions
 
     original = data.get_data
@@ -61,7 +57,7 @@ def apply() -> None:
         out = original(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
         multiple = trimming_multiple(args.model) if "train" in out else None
         if multiple:
-            loader = _torch_loader(out["train"].dataloader)
+            loader = torch_data_loader(out["train"].dataloader)
             loader.collate_fn = TrimCaptions(loader.collate_fn, _pad_id(tokenizer), multiple)
         return out
 
