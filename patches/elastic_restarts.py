@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 
 
-def _fresh_namespace(init_process_group: Callable) -> Callable:
+def fresh_namespace(init_process_group: Callable) -> Callable:
     @functools.wraps(init_process_group)
     def wrapper(backend: Any = None, init_method: Any = None, *args: Any, **kwargs: Any):
         attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
@@ -40,7 +40,7 @@ class _Distributed(types.ModuleType):
 
     def __init__(self) -> None:
         super().__init__(dist.__name__, dist.__doc__)
-        self.init_process_group = _fresh_namespace(dist.init_process_group)
+        self.init_process_group = fresh_namespace(dist.init_process_group)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(dist, name)

@@ -101,3 +101,23 @@ def test_sbatch_recipe_runs_open_clip_under_srun_with_the_paper_schedule(stub_sl
     assert flag("--warmup") == str(steps_per_epoch * 30 // 10) and flag("--lr-scheduler") == "const-cooldown"
     assert flag("--precision") == "amp" and flag("--resume") == "latest"
     assert "--image-mean" not in argv
+
+
+@pytest.mark.parametrize("exits,calls,requeued,status", [
+    ("75", 1, True, 0),  # a notice: the checkpoint is written, the job goes back to the queue
+    ("1 0", 2, False, 0),  # a task died: the step runs again and finishes
+    ("1 1 1 1", 4, False, 1),  # dies every time: 3 restarts, then the failure is the job's
+])
+def test_sbatch_recipe_requeues_after_a_notice_and_restarts_a_failed_step(stub_slurm, tmp_path, exits, calls,
+                                                                          requeued, status):
+    count, requeue = tmp_path / "srun_calls", tmp_path / "requeued"
+    (tmp_path / "bin" / "srun").write_text(
+        f'#!/usr/bin/env bash\necho x >> {count}\nexits=($SRUN_EXITS)\nexit "${{exits[$(( $(wc -l < {count}) - 1 ))]}}"\n')
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.write_text(scontrol.read_text() + f'[ "$1" = requeue ] && echo "$2" > {requeue}\nexit 0\n')
+    env = dict(stub_slurm, SLURM_NNODES="1", SLURM_NTASKS_PER_NODE="8", SLURM_NTASKS="8", SLURM_JOB_ID="4242",
+               SRUN_EXITS=exits)
+    proc = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == status, proc.stderr
+    assert len(count.read_text().splitlines()) == calls
+    assert (requeue.read_text().strip() == "4242") if requeued else not requeue.exists()
