@@ -29,7 +29,7 @@ def fresh_namespace(init_process_group: Callable) -> Callable:
         rank, world_size = kwargs.pop("rank", -1), kwargs.pop("world_size", -1)
         timeout = {"timeout": kwargs["timeout"]} if kwargs.get("timeout") is not None else {}
         store, rank, world_size = next(dist.rendezvous("env://", rank=rank, world_size=world_size, **timeout))
-        store = dist.PrefixStore(f"conlip/attempt_{attempt}/", store)
+        store = dist.PrefixStore(f"conlip/attempt_{attempt}", store)
         return init_process_group(backend, store=store, rank=rank, world_size=world_size, **kwargs)
 
     return wrapper

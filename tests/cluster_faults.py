@@ -34,7 +34,7 @@ import shapes_data  # noqa: E402
 PYTHON = sys.executable
 DUMP = str(TESTS / "dump_queues_main.py")
 STEP = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+)")
-STARTED = re.compile(r"Found latest resume checkpoint at (\S+)\.$|No latest resume checkpoint found", re.MULTILINE)
+STARTED = re.compile(r"Found latest resume checkpoint at (\S+)\.\n|No latest resume checkpoint found in \S+\.\n")
 PER_RANK_BATCH = 4
 PREEMPTED_EXIT = 75
 
@@ -129,10 +129,10 @@ def dead_ranks(out: Path, kills: int, rng: random.Random, port: int = 29571) -> 
         os.kill(worker_pid(run.proc.pid, rank), signal.SIGKILL)
         done = run.steps(samples)[-1]
         run.wait_until(lambda: len(STARTED.findall(run.text())) > starts)  # the restart's choice
-        chosen = STARTED.findall(run.text())[-1]
+        chosen = STARTED.findall(run.text())[starts]
         resumed = optimizer_steps(out / chosen) if chosen else 0
-        records.append({"kill": kill + 1, "rank": rank, "steps_done": done, "resumed_from_step": resumed,
-                        "steps_lost": done - resumed})
+        records.append({"kill": kill + 1, "rank": rank, "steps_done": done, "resumed_from": Path(chosen).name or None,
+                        "resumed_from_step": resumed, "steps_lost": done - resumed})
     rc = run.finish()
     final = out / "logs" / "dead" / "checkpoints" / f"epoch_{epochs}.pt"
     return {"mode": "dead-rank", "exit": rc, "kills": len(records), "restarts": len(STARTED.findall(run.text())) - 1,
@@ -157,6 +157,7 @@ def notices(out: Path, kills: int, rng: random.Random, port: int = 29572,
             rc = run.finish()
             break
         run.wait_until(lambda: bool(run.steps(samples)))
+        run.wait_until(lambda: bool(STARTED.findall(run.text())))
         chosen = STARTED.findall(run.text())[0]
         resumed = optimizer_steps(out / chosen) if chosen else 0
         target = rng.randint(1, per_epoch * 2)
@@ -165,7 +166,7 @@ def notices(out: Path, kills: int, rng: random.Random, port: int = 29572,
         exit_code = run.finish()
         done = resumed + len(run.steps(samples))  # optimizer steps, counting those a replay repeats
         in_epoch = int(STEP.findall(run.text())[-1][1]) // (PER_RANK_BATCH * world)
-        written = sorted(checkpoints.glob("epoch_*_preempted.pt"), key=lambda p: p.stat().st_mtime)
+        written = sorted(checkpoints.glob("epoch_*.pt"), key=lambda p: p.stat().st_mtime)  # the stop's is newest
         saved = optimizer_steps(written[-1]) if written else None
         records.append({"notice": attempt + 1, "exit": exit_code, "steps_done_at_notice": done,
                         "checkpoint": written[-1].name if written else None, "steps_in_checkpoint": saved,
