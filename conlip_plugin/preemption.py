@@ -212,7 +212,7 @@ def _stop(watch: PreemptionWatch, checkpoint: Callable[[int], Dict[str, Any]], a
         paths = checkpoint_files(args.checkpoint_path, epoch, resume_epoch, bool(getattr(args, "save_most_recent", 0)))
         for path in paths:
             atomic_save(state, path)
-        where = f"wrote {' and '.join(paths)} (the state after optimizer step {step}); --resume latest continues"
+        where = f"wrote {' and '.join(paths)} (the state before that step); --resume latest continues"
         if resume_epoch == epoch:
             where += (f" by starting epoch {epoch} again from its first batch: the {watch.step_in_epoch} steps of "
                       f"it done before the notice stay in the weights, and this epoch's learning-rate schedule and "
@@ -220,10 +220,10 @@ def _stop(watch: PreemptionWatch, checkpoint: Callable[[int], Dict[str, Any]], a
     else:
         where = "no checkpoint written: the run saves none (--logs none)"
     watch.barrier()
-    if getattr(args, "save_logs", False) or getattr(args, "rank", 0) == 0:
-        logger.warning("ConLIP: pre-emption notice (%s): stopped before optimizer step %d; %s. Exiting with "
-                       "status %d for the scheduler to requeue.", watch.received or "another rank's", step + 1,
-                       where, PREEMPTED_EXIT)
+    if getattr(args, "rank", 0) == 0:
+        logger.warning("ConLIP: pre-emption notice (%s): stopped before step %d of the schedule (epoch %d, batch %d); "
+                       "%s. Exiting with status %d for the scheduler to requeue.", watch.received or "another rank's",
+                       step + 1, epoch, watch.step_in_epoch + 1, where, PREEMPTED_EXIT)
     raise SystemExit(PREEMPTED_EXIT)
 
 

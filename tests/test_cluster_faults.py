@@ -169,7 +169,7 @@ def test_a_notice_mid_epoch_checkpoints_exits_75_and_the_resumed_run_loses_no_st
     assert result["finished"] and result["final_steps_as_expected"]
     assert not list((tmp_path / "logs" / "notice" / "checkpoints").glob("*_preempted.pt"))  # superseded
     log = (tmp_path / "run_0.out").read_text()
-    assert "ConLIP: pre-emption notice (SIGTERM): stopped before optimizer step" in log
+    assert "ConLIP: pre-emption notice (SIGTERM): stopped before step" in log
     assert "Traceback" not in log
 
 
@@ -178,7 +178,7 @@ def test_a_notice_to_torchrun_stops_both_ranks_at_one_step_and_they_resume_ident
     result = cluster_faults.notices(tmp_path, kills=1, rng=random.Random(2), port=_free_port(), world=2)
     (record,) = result["records"]
     assert record["checkpoint"].endswith("_preempted.pt") == (record["steps_repeated"] > 0)
-    assert record["steps_lost"] == 0 and "stopped before optimizer step" in (tmp_path / "run_0.out").read_text()
+    assert record["steps_lost"] == 0 and "stopped before step" in (tmp_path / "run_0.out").read_text()
     assert result["finished"] and result["final_steps_as_expected"] and result["ranks_identical"]
 
 
