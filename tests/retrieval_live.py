@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List
 
+import pytest
 import requests
 
 STARTUP_S = 120  # importing torch and loading the model on two busy cores
@@ -44,7 +45,7 @@ def live_server(index: Path, folder: Path, *flags: str) -> Iterator[LiveServer]:
             found = re.search(r"at (http://\S+/) \(Ctrl\+C", stdout.read_text())
             url = found.group(1) if found else None
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"serve did not start ({' '.join(cmd)}):\n{stderr.read_text()[-4000:]}")
+                pytest.fail(f"serve did not start ({' '.join(cmd)}):\n{stderr.read_text()[-4000:]}")
             time.sleep(0.2)
         while True:  # the address is printed just before uvicorn starts answering
             try:
@@ -52,7 +53,7 @@ def live_server(index: Path, folder: Path, *flags: str) -> Iterator[LiveServer]:
                 break
             except requests.ConnectionError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"serve stopped:\n{stderr.read_text()[-4000:]}") from None
+                    pytest.fail(f"serve stopped:\n{stderr.read_text()[-4000:]}")
                 time.sleep(0.2)
         yield LiveServer(url, stdout, stderr)
     finally:
