@@ -5,9 +5,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -15,6 +12,7 @@ from typing import Optional
 
 import pytest
 
+from retrieval_live import live_server
 from retrieval_models import build_tiny_index
 
 pytestmark = pytest.mark.slow
@@ -61,36 +59,8 @@ def tiny(tmp_path_factory, one_thread):
 @pytest.fixture(scope="module")
 def server(tiny, tmp_path_factory):
     """``conlip-retrieval serve --port 0`` until the module ends; yields the URL it printed."""
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "conlip_plugin.retrieval.cli", "serve", "--index",
-                                 str(tiny.path), "--port", "0", "--device", "cpu"], cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    try:
-        yield _wait_until_serving(proc, log_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _wait_until_serving(proc: subprocess.Popen, log_path: Path, timeout: float = 120) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = re.search(r"at (http://\S+/) ", log_path.read_text())
-        if found:
-            try:
-                urllib.request.urlopen(found.group(1) + "api/info", timeout=5).close()
-                return found.group(1)
-            except OSError:
-                pass
-        if proc.poll() is not None:
-            pytest.fail(f"conlip-retrieval serve exited {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        time.sleep(0.2)
-    pytest.fail(f"conlip-retrieval serve did not answer within {timeout:.0f} s:\n{log_path.read_text()[-4000:]}")
+    with live_server(tiny.path, tmp_path_factory.mktemp("serve"), "--device", "cpu") as live:
+        yield live.url
 
 
 def _api_search(url: str, text: str) -> list:

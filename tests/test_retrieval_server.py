@@ -16,10 +16,10 @@ pytest.importorskip("fastapi", reason="the server needs pip install 'conlip-plug
 from fastapi.testclient import TestClient  # noqa: E402
 
 from conlip_plugin.retrieval import encoder as encoder_module  # noqa: E402
-from conlip_plugin.retrieval import server as server_module  # noqa: E402
+from conlip_plugin.retrieval import queries as queries_module  # noqa: E402
 from conlip_plugin.retrieval.encoder import Encoder, ImageTooLarge, ModelIdentity, UnreadableImage  # noqa: E402
-from conlip_plugin.retrieval.server import (  # noqa: E402
-    EMBEDDING_BYTES_PER_DIM, EMBEDDING_SLACK, MULTIPART_SLACK, _listening_socket, create_app)
+from conlip_plugin.retrieval.queries import EMBEDDING_BYTES_PER_DIM, EMBEDDING_SLACK  # noqa: E402
+from conlip_plugin.retrieval.server import MULTIPART_SLACK, _listening_socket, create_app  # noqa: E402
 from conlip_plugin.retrieval.sources import gallery_items  # noqa: E402
 from conlip_plugin.retrieval.store import Index, IndexWriter  # noqa: E402
 
@@ -319,7 +319,7 @@ def test_an_upload_stuck_in_one_step_does_not_hold_up_other_requests(tiny, monke
     import httpx
 
     index = Index(tiny.path)
-    owner, name = (index, "search") if stuck_in == "the index search" else (server_module, "decode_image")
+    owner, name = (index, "search") if stuck_in == "the index search" else (queries_module, "decode_image")
     step, entered, release, waits = getattr(owner, name), threading.Event(), threading.Event(), []
 
     def held_step(*args):
@@ -351,7 +351,7 @@ def test_query_images_are_decoded_a_few_at_a_time(tiny, index, monkeypatch):
     together (each call waits a moment for more to join it, so without the bound all four would)."""
     import httpx
 
-    decode, guard = server_module.decode_image, threading.Lock()
+    decode, guard = queries_module.decode_image, threading.Lock()
     inside = most = 0
 
     def watched_decode(*args):
@@ -369,7 +369,7 @@ def test_query_images_are_decoded_a_few_at_a_time(tiny, index, monkeypatch):
             with guard:
                 inside -= 1
 
-    monkeypatch.setattr(server_module, "decode_image", watched_decode)
+    monkeypatch.setattr(queries_module, "decode_image", watched_decode)
     app = create_app(index, tiny.encoder, LIMIT)
 
     async def scenario():
@@ -381,7 +381,7 @@ def test_query_images_are_decoded_a_few_at_a_time(tiny, index, monkeypatch):
     answers = asyncio.run(scenario())
     assert [a.status_code for a in answers] == [200] * 4
     assert [a.json()["results"][0]["row"] for a in answers] == [0, 1, 2, 3]
-    assert most == server_module.DECODE_SLOTS
+    assert most == queries_module.DECODE_SLOTS
 
 
 def test_the_model_runs_one_request_at_a_time(tiny, index, monkeypatch):

@@ -21,6 +21,7 @@ from ..arguments import fraction, non_negative_int, port_number, positive_float,
 from ..data.files import fail, listing
 from .encoder import MAX_ASPECT_RATIO, Encoder, ExtremeAspectRatio, ModelIdentity, UnreadableImage, loader_workers
 from .extras import require
+from .limits import ServingLimits
 from .nearest import EXACT_BELOW, RECALL_K, TARGET_RECALL
 from .sources import gallery_items, is_shard_pattern
 from .store import MODALITIES, Index, IndexWriter, NoCaptions
@@ -71,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-image-megapixels", type=query_megapixels, default=50.0,
                        help="largest query image accepted, in decoded pixels (checked before decoding; at most "
                             "where PIL itself refuses, twice Image.MAX_IMAGE_PIXELS)")
+    serve.add_argument("--index-name", default=None,
+                       help="the index's name in clip-retrieval's API (/indices-list; default: the folder's name)")
+    serve.add_argument("--read-timeout", type=positive_float, default=ServingLimits.read_timeout_s,
+                       help="seconds a client has to send a request's headers, and then its body; the "
+                            "connection is closed (headers) or answered 408 (body) past it")
+    serve.add_argument("--max-requests", type=positive_int, default=ServingLimits.max_requests,
+                       help="requests at work at once; one more is answered 503 with Retry-After")
+    serve.add_argument("--max-connections", type=positive_int, default=ServingLimits.max_connections,
+                       help="open connections, idle ones included (uvicorn's limit_concurrency; 503 beyond)")
+    serve.add_argument("--access-log", type=Path, default=None,
+                       help="append one line per request to this file (default: no access log)")
     add_model_override(serve)
     return parser
 
@@ -197,8 +209,10 @@ def run_serve(args: argparse.Namespace) -> None:
 
     index = Index(args.index)
     encoder = query_encoder(index, args.model, args.pretrained, args.device)
+    limits = ServingLimits(read_timeout_s=args.read_timeout, max_requests=args.max_requests,
+                           max_connections=args.max_connections)
     serve(index, encoder, args.host, args.port, int(args.max_upload_mb * 1024 * 1024),
-          int(args.max_image_megapixels * 1_000_000))
+          int(args.max_image_megapixels * 1_000_000), args.index_name, limits, args.access_log)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -6,20 +6,21 @@
     POST /api/search/image          multipart: file (+ k, against, model, pretrained or fingerprint)
     POST /api/search/embedding      JSON: {"embedding": [...], "model", "pretrained" or "fingerprint", "k", "against"}
     GET  /api/items/{row}/image     an item's image bytes
+    POST /knn-service, POST /metadata, GET /indices-list   clip-retrieval's back-end API (clip_retrieval_api)
 
 Queries are embedded with the index's own model; a request that names another model, or an embedding
 made by one, is refused (409) with both models named, since its scores would be meaningless. A request
 names its model by strings only (the name, and the checkpoint path or sha256 fingerprint that
 /api/info gives): the server opens no file a request names, since hashing paths sent over the network
 would tell any client which files exist on the server, and their hashes. Errors are JSON
-``{"detail": "..."}`` messages that say what to change.
+``{"detail": "..."}`` messages that say what to change. The bounds that keep slow, departing or too
+many clients from holding the server up are in ``limits``; where its logs go, in ``server_logs``.
 """
 import io
 import mimetypes
 import socket
-import threading
 from pathlib import Path
-from typing import BinaryIO, Callable, List, Literal, Optional
+from typing import BinaryIO, List, Literal, Optional
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -27,30 +28,25 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from ..data.files import fail
-from .encoder import (MAX_ASPECT_RATIO, Encoder, ExtremeAspectRatio, ImageTooLarge, ModelIdentity, UnreadableImage,
-                      decode_image)
+from .clip_retrieval_api import add_clip_retrieval_routes
+from .encoder import Encoder, ModelIdentity
+from .limits import ServingLimits, add_limits, header_deadline_protocol
+from .queries import BodyTooLarge, QueryEngine, bounded, megabytes, parse_json, read_body
+from .server_logs import server_logs
 from .sources import Item
-from .store import MODALITIES, Index, NoCaptions
+from .store import MODALITIES, Index
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_K = 1000
-DECODE_SLOTS = 2  # query images decoded at once: a 50-megapixel one takes about 150 MB as RGB
 MAX_QUERY_PIXELS = 50_000_000
-# An embedding as JSON: a float takes at most about 25 characters; the slack covers the other fields.
-EMBEDDING_BYTES_PER_DIM = 64
-EMBEDDING_SLACK = 64 * 1024
 # A multipart body carries boundaries, part headers and the small form fields besides the file.
 MULTIPART_SLACK = 64 * 1024
 Against = Literal["images", "captions"]
-
-
-class _BodyTooLarge(Exception):
-    """The request body went past the bound while it was being read."""
 
 
 class EmbeddingQuery(BaseModel):
@@ -64,30 +60,10 @@ class EmbeddingQuery(BaseModel):
     against: Against = "images"
 
 
-def _megabytes(size: int) -> str:
-    return f"{size / 2 ** 20:.2f} MB ({size:,} bytes)" if size >= 10_000 else f"{size:,} bytes"
-
-
 def _too_large(size: str, limit: int) -> HTTPException:
-    return HTTPException(413, f"the upload is {size}; this server takes query images up to {_megabytes(limit)}. "
+    return HTTPException(413, f"the upload is {size}; this server takes query images up to {megabytes(limit)}. "
                               f"Send a smaller image, or restart conlip-retrieval serve with a larger "
                               f"--max-upload-mb.")
-
-
-def _bounded(request: Request, most: int) -> Request:
-    """The same request, whose body stream raises _BodyTooLarge once more than ``most`` bytes arrived."""
-    seen = 0
-    receive = request.receive
-
-    async def counting_receive():
-        nonlocal seen
-        message = await receive()
-        seen += len(message.get("body", b""))
-        if seen > most:
-            raise _BodyTooLarge
-        return message
-
-    return Request(request.scope, counting_receive)
 
 
 def _content_type(source: BinaryIO, name: str) -> str:
@@ -123,27 +99,16 @@ def _check_against(raw: object) -> str:
 
 
 def create_app(index: Index, encoder: Encoder, max_upload_bytes: int,
-               max_query_pixels: int = MAX_QUERY_PIXELS) -> FastAPI:
-    """The API and the page over ``index``; ``encoder`` must hold the index's weights."""
+               max_query_pixels: int = MAX_QUERY_PIXELS, index_name: Optional[str] = None,
+               limits: ServingLimits = ServingLimits()) -> FastAPI:
+    """The API and the page over ``index``, with clip-retrieval's routes beside ours (its indice name:
+    ``index_name``, by default the index folder's name); ``encoder`` must hold the index's weights."""
     if not encoder.identity.same_model(index.identity):
         raise ValueError(f"the index {index.path} was built with {index.identity.describe()}, but the encoder "
                          f"holds {encoder.identity.describe()}; serve it with the index's model.")
     app = FastAPI(title="conlip-retrieval", description=f"search {index.path} ({index.identity.describe()})")
-    # The model and the tokenizer are not safe to call from two threads at once. Decoding a query image (seconds
-    # for a large one) runs outside the lock, so that it holds up no other search.
-    lock = threading.Lock()
-    dim = int(index.manifest["embed_dim"])
-
-    decoding = threading.BoundedSemaphore(DECODE_SLOTS)
-
-    def decode(data: bytes):
-        """A query image's tensor; at most DECODE_SLOTS at once, as each can take hundreds of MB."""
-        with decoding:
-            return decode_image(data, encoder.preprocess, max_query_pixels)
-
-    def locked(call: Callable, *args):
-        with lock:
-            return call(*args)
+    engine = QueryEngine(index, encoder, max_query_pixels)
+    dim = engine.dim
 
     def refuse_unless_index_model(model: Optional[str], pretrained: Optional[str], fingerprint: Optional[str],
                                   what: str, weights_needed: bool) -> None:
@@ -167,11 +132,7 @@ def create_app(index: Index, encoder: Encoder, max_upload_bytes: int,
                                      f"one.")
 
     def answer(query: dict, vector: np.ndarray, against: str, k: int) -> dict:
-        try:
-            results = locked(index.search, vector, against, k)
-        except NoCaptions as err:
-            raise HTTPException(422, str(err)) from err
-        return {"query": query, "against": against, "k": k, "results": results}
+        return {"query": query, "against": against, "k": k, "results": engine.search(vector, against, k)}
 
     @app.exception_handler(RequestValidationError)
     async def readable_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -197,8 +158,7 @@ def create_app(index: Index, encoder: Encoder, max_upload_bytes: int,
         if not text.strip():
             raise HTTPException(400, "text is empty; give the words to search for (?text=...).")
         refuse_unless_index_model(model, pretrained, fingerprint, "the request asks for", weights_needed=False)
-        vector = locked(encoder.texts, [text])[0].numpy()
-        return answer({"text": text}, vector, against, k)
+        return answer({"text": text}, engine.text_vector(text), against, k)
 
     @app.post("/api/search/image")
     async def search_image(request: Request) -> dict:
@@ -207,13 +167,12 @@ def create_app(index: Index, encoder: Encoder, max_upload_bytes: int,
         memory."""
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_upload_bytes + MULTIPART_SLACK:
-            raise _too_large(f"{_megabytes(int(declared))} in all", max_upload_bytes)
-        bounded = _bounded(request, max_upload_bytes + MULTIPART_SLACK)
+            raise _too_large(f"{megabytes(int(declared))} in all", max_upload_bytes)
         try:
-            form = await bounded.form(max_files=1, max_fields=8)
-        except _BodyTooLarge:
+            form = await bounded(request, max_upload_bytes + MULTIPART_SLACK).form(max_files=1, max_fields=8)
+        except BodyTooLarge:
             most = max_upload_bytes + MULTIPART_SLACK
-            raise _too_large(f"more than {_megabytes(most)}", max_upload_bytes) from None
+            raise _too_large(f"more than {megabytes(most)}", max_upload_bytes) from None
         try:
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
@@ -223,62 +182,32 @@ def create_app(index: Index, encoder: Encoder, max_upload_bytes: int,
             refuse_unless_index_model(*named, "the request asks for", weights_needed=False)
             data = await upload.read(max_upload_bytes + 1)
             if len(data) > max_upload_bytes:
-                raise _too_large(_megabytes(upload.size or len(data)), max_upload_bytes)
-            name = upload.filename or "the upload"
-            try:
-                pixels = await run_in_threadpool(decode, data)
-            except ExtremeAspectRatio as err:
-                raise HTTPException(422, f"{name} is {err}. Crop it to at most {MAX_ASPECT_RATIO}:1 (its long "
-                                         f"side at most {MAX_ASPECT_RATIO} times its short side) and send it "
-                                         f"again.") from err
-            except UnreadableImage as err:
-                raise HTTPException(415, f"{name} is not an image this server can read ({err}); send a PNG, "
-                                         f"JPEG, WebP, GIF, BMP or TIFF file.") from err
-            except ImageTooLarge as err:
-                larger_limit = "" if err.by_pil else (", or restart conlip-retrieval serve with a larger "
-                                                      "--max-image-megapixels")
-                raise HTTPException(413, f"{name} is {err}. Send a smaller image{larger_limit}.") from err
-            vector = await run_in_threadpool(locked, encoder.images, pixels.unsqueeze(0))
+                raise _too_large(megabytes(upload.size or len(data)), max_upload_bytes)
+            vector = await engine.image_vector(data, upload.filename or "the upload")
             query = {"image": upload.filename, "bytes": len(data)}
-            return await run_in_threadpool(answer, query, vector[0].numpy(), against, k)
+            return await run_in_threadpool(answer, query, vector, against, k)
         finally:
             await form.close()
 
-    embedding_bytes = EMBEDDING_BYTES_PER_DIM * dim + EMBEDDING_SLACK
+    embedding_bytes = engine.embedding_bytes
 
     def embedding_answer(body: EmbeddingQuery) -> dict:
         refuse_unless_index_model(body.model, body.pretrained, body.fingerprint, "the embedding was made with",
                                   weights_needed=True)
-        vector = np.asarray(body.embedding, dtype=np.float64)
-        if vector.shape != (dim,):
-            raise HTTPException(400, f"the embedding has {vector.size} dimensions; this index holds {dim} "
-                                     f"({index.identity.describe()}).")
-        norm = float(np.linalg.norm(vector))
-        if not np.isfinite(norm) or norm == 0:
-            raise HTTPException(400, "the embedding is zero or not finite; send the model's output vector.")
+        vector = engine.unit(body.embedding)
         asked = ModelIdentity(body.model, body.pretrained, body.fingerprint)
         query = {"embedding": dim, "model": asked.describe()}
-        return answer(query, (vector / norm).astype(np.float32), body.against, body.k)
+        return answer(query, vector, body.against, body.k)
 
     @app.post("/api/search/embedding", openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": EmbeddingQuery.model_json_schema()}}}})
     async def search_embedding(request: Request) -> dict:
         """For clients that embed their queries themselves (EmbeddingQuery as JSON); the vector is scaled
         to unit length. The body is read only up to what one embedding of the index's size needs."""
-        too_large = HTTPException(413, f"the request body is over {_megabytes(embedding_bytes)}, more than one "
+        too_large = HTTPException(413, f"the request body is over {megabytes(embedding_bytes)}, more than one "
                                        f"embedding of {dim} numbers takes; send one vector of the index's "
                                        f"dimension.")
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > embedding_bytes:
-            raise too_large
-        try:
-            raw = await _bounded(request, embedding_bytes).body()
-        except _BodyTooLarge:
-            raise too_large from None
-        try:
-            body = EmbeddingQuery.model_validate_json(raw)
-        except ValidationError as err:
-            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors()]) from None
+        body = parse_json(EmbeddingQuery, await read_body(request, embedding_bytes, too_large))
         return await run_in_threadpool(embedding_answer, body)
 
     @app.get("/api/items/{row}/image")
@@ -299,6 +228,8 @@ def create_app(index: Index, encoder: Encoder, max_upload_bytes: int,
                                      f"({err}); the gallery has moved since the index was built.") from err
         return Response(data, media_type=_content_type(io.BytesIO(data), item.key))
 
+    add_clip_retrieval_routes(app, engine, index_name or index.path.name, max_upload_bytes)
+    add_limits(app, limits)
     return app
 
 
@@ -322,14 +253,19 @@ def _listening_socket(host: str, port: int) -> socket.socket:
 
 
 def serve(index: Index, encoder: Encoder, host: str, port: int, max_upload_bytes: int,
-          max_query_pixels: int = MAX_QUERY_PIXELS) -> None:
+          max_query_pixels: int = MAX_QUERY_PIXELS, index_name: Optional[str] = None,
+          limits: ServingLimits = ServingLimits(), access_log: Optional[Path] = None) -> None:
     """Serve the page and the API until interrupted; prints the address (with the port actually bound)."""
     import uvicorn
 
-    app = create_app(index, encoder, max_upload_bytes, max_query_pixels)
+    app = create_app(index, encoder, max_upload_bytes, max_query_pixels, index_name, limits)
     sock = _listening_socket(host, port)
     bound_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if ":" in host else host
     print(f"serving {index.path} ({index.manifest['counts']['items']} images, {index.identity.describe()}) "
           f"at http://{shown_host}:{bound_port}/ (Ctrl+C stops)", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+    with server_logs(access_log) as logging_settings:
+        config = uvicorn.Config(app, log_level="info", http=header_deadline_protocol(limits.read_timeout_s),
+                                timeout_keep_alive=limits.keep_alive_s, limit_concurrency=limits.max_connections,
+                                **logging_settings)
+        uvicorn.Server(config).run(sockets=[sock])

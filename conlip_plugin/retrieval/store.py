@@ -20,7 +20,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, NoReturn, Optional, TypeVar
+from typing import Callable, Dict, Iterable, List, NoReturn, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -285,7 +285,7 @@ class Index:
         except (KeyError, TypeError, ValueError) as err:
             self._damaged(f"manifest.json has a missing or malformed field ({err!r})")
         self.items = self._read("items.jsonl", lambda p: [json.loads(line) for line in p.read_text().splitlines()])
-        self.rows: Dict[str, np.ndarray] = {"images": np.arange(len(self.items)),
+        self.vector_rows: Dict[str, np.ndarray] = {"images": np.arange(len(self.items)),
                                             "captions": self._read("captions.rows.npy", np.load)}
         self.vectors: Dict[str, Optional[np.ndarray]] = {}
         self.approximate: Dict[str, Optional[ApproximateIndex]] = {}
@@ -302,12 +302,12 @@ class Index:
                 self.approximate[modality] = ApproximateIndex(ann, settings["kind"], settings["nprobe"],
                                                               settings["recall_at_10"], settings["recall_queries"])
                 count, width = ann.ntotal, ann.d
-            if count != len(self.rows[modality]) or width != dim:
+            if count != len(self.vector_rows[modality]) or width != dim:
                 listed = "items.jsonl" if modality == "images" else "captions.rows.npy"
                 self._damaged(f"{modality}.{'npy' if settings['kind'] == 'exact' else 'faiss'} holds {count} "
                               f"vectors of {width} dimensions, where {listed} and the manifest call for "
-                              f"{len(self.rows[modality])} of {dim}")
-        rows = self.rows["captions"]
+                              f"{len(self.vector_rows[modality])} of {dim}")
+        rows = self.vector_rows["captions"]
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self.items)):
             self._damaged(f"captions.rows.npy names rows outside the {len(self.items)} items")
 
@@ -330,7 +330,7 @@ class Index:
         if query.shape[-1] != self.manifest["embed_dim"]:
             raise ValueError(f"the query has {query.shape[-1]} dimensions; this index holds "
                              f"{self.manifest['embed_dim']} ({self.identity.describe()})")
-        rows = self.rows[against]
+        rows = self.vector_rows[against]
         if against == "captions" and not len(rows):
             raise NoCaptions(f"this index has no captions ({self.manifest['build']['source']} gave none), so "
                              f"there is nothing to search against the captions; search against the images")
@@ -346,3 +346,12 @@ class Index:
             shown = {name: value for name, value in self.items[row].items() if name in RESULT_FIELDS}
             results.append({"rank": len(results) + 1, "score": float(score), "row": row, **shown})
         return results
+
+    def rows(self, ids: Sequence[int]) -> List[dict]:
+        """The metadata (RESULT_FIELDS) of gallery rows ``ids``, in their order, as search results carry it;
+        an id outside the gallery raises IndexError naming it and the range."""
+        count = len(self.items)
+        outside = [row for row in ids if not 0 <= row < count]
+        if outside:
+            raise IndexError(f"no item {outside[0]}; this index holds items 0 to {count - 1}")
+        return [{name: value for name, value in self.items[row].items() if name in RESULT_FIELDS} for row in ids]
