@@ -120,6 +120,7 @@ def dead_ranks(out: Path, kills: int, rng: random.Random, port: int = 29571) -> 
     run = Run([*torchrun(port, kills), DUMP, *train_args(data["shard"], "dead", epochs, samples)], out,
               out / "torchrun.out", world=2)
     records = []
+    run.wait_until(lambda: bool(STARTED.findall(run.text())))  # the first start's choice
     for kill in range(kills):
         starts, base = len(STARTED.findall(run.text())), len(run.steps(samples))
         target = base + rng.randint(1, per_epoch * 3 // 2)  # steps of this (re)start of the group
