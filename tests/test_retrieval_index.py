@@ -14,9 +14,11 @@ from PIL import Image
 import retrieval_models
 import shapes_data
 from conlip_plugin.retrieval import cli
-from conlip_plugin.retrieval import store
 from conlip_plugin.retrieval.encoder import MAX_ASPECT_RATIO, Encoder, UnreadableImage, decode_image
-from conlip_plugin.retrieval.nearest import build_approximate, exact_search, list_count, recall_at_k
+from conlip_plugin.retrieval import embedding
+from conlip_plugin.retrieval.metadata import ItemsReader
+from conlip_plugin.retrieval.nearest import build_approximate, exact_search, recall_at_k
+from conlip_plugin.retrieval.sizing import list_count
 from conlip_plugin.retrieval.sources import Item, gallery_items
 from conlip_plugin.retrieval.store import Index, IndexWriter
 
@@ -167,14 +169,14 @@ def test_a_strip_image_and_one_that_exhausts_memory_are_skipped_not_fatal(galler
     Image.new("RGB", (20_000, 1)).save(tmp_path / "strip.png")
     with pytest.raises(UnreadableImage, match=f"20000x1 pixels, an aspect ratio over {MAX_ASPECT_RATIO}:1"):
         decode_image((tmp_path / "strip.png").read_bytes(), gallery["encoder"].preprocess)
-    real_decode = store.decode_image
+    real_decode = embedding.decode_image
 
     def exhausted_for_b(data, preprocess):
         if data == (tmp_path / "b.png").read_bytes():
             raise MemoryError
         return real_decode(data, preprocess)
 
-    monkeypatch.setattr(store, "decode_image", exhausted_for_b)
+    monkeypatch.setattr(embedding, "decode_image", exhausted_for_b)
     manifest = IndexWriter(tmp_path / "idx", gallery["encoder"], str(tmp_path), progress=False).run(
         gallery_items(str(tmp_path)))
     assert manifest["counts"] == {"items": 1, "captions": 0, "skipped": 2}
@@ -244,7 +246,7 @@ def test_index_stores_each_image_and_caption_embedding_and_names_what_it_skipped
     images = np.load(tmp_path / "idx" / "images.npy")
     captions = np.load(tmp_path / "idx" / "captions.npy")
     assert images.dtype == np.float16 and captions.dtype == np.float16
-    items = [json.loads(line) for line in (tmp_path / "idx" / "items.jsonl").read_text().splitlines()]
+    items = ItemsReader(tmp_path / "idx" / "items.arrow").rows(range(30))
     encoder = gallery["encoder"]
     for n in (0, 13, 29):
         alone = encoder.images(decode_image(Path(items[n]["path"]).read_bytes(), encoder.preprocess)[None])[0]
@@ -279,7 +281,7 @@ def test_a_stopped_run_resumes_to_the_same_files(gallery, tmp_path):
         Index(tmp_path / "cut")
     resumed = build(gallery, tmp_path / "cut", chunk_size=8)
     assert resumed == whole
-    for name in ("images.npy", "captions.npy", "captions.rows.npy", "items.jsonl", "skipped.jsonl"):
+    for name in ("images.npy", "captions.npy", "captions.rows.npy", "items.arrow", "skipped.jsonl"):
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
