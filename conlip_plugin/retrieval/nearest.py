@@ -26,7 +26,7 @@ PLATEAU_GAIN = 0.002
 # differ by about 1e-7, and exact duplicates in a gallery tie exactly.
 TIE_TOLERANCE = 1e-5
 EXACT_BLOCK = 1 << 16
-SCORE_BYTES = 1 << 25  # the float32 scores of one block of exact search, whatever the number of queries
+SCORE_BYTES = 1 << 24  # the float32 scores of one block of exact search, whatever the number of queries
 ADD_BLOCK = 1 << 16
 
 
@@ -44,7 +44,7 @@ def exact_search(gallery: np.ndarray, queries: np.ndarray, k: int) -> Tuple[np.n
     for start in range(0, len(gallery), block):
         block_scores = queries @ np.asarray(gallery[start:start + block], dtype=np.float32).T
         if block_scores.shape[1] > k:
-            keep = np.argpartition(-block_scores, k - 1, axis=1)[:, :k]
+            keep = np.argpartition(block_scores, block_scores.shape[1] - k, axis=1)[:, -k:]
             block_scores = np.take_along_axis(block_scores, keep, axis=1)
         else:
             keep = np.broadcast_to(np.arange(block_scores.shape[1]), block_scores.shape)
