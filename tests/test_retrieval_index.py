@@ -13,6 +13,7 @@ from PIL import Image
 
 import retrieval_models
 import shapes_data
+from vector_checks import clustered, float64_recall
 from conlip_plugin.retrieval import cli
 from conlip_plugin.retrieval.encoder import MAX_ASPECT_RATIO, Encoder, UnreadableImage, decode_image
 from conlip_plugin.retrieval import embedding
@@ -27,13 +28,6 @@ def float64_top_k(gallery: np.ndarray, query: np.ndarray, k: int) -> list:
     """Explicit loop: every row's score in float64, sorted best first, lower row first on ties."""
     scores = [(-sum(float(a) * float(b) for a, b in zip(row, query)), i) for i, row in enumerate(gallery)]
     return [i for _, i in sorted(scores)[:k]]
-
-
-def clustered(n: int, dim: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((max(1, n // 50), dim))
-    x = centres[rng.integers(0, len(centres), n)] + 1.5 * rng.standard_normal((n, dim))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
 
 
 @pytest.fixture(scope="module")
@@ -80,19 +74,6 @@ def test_exact_search_matches_a_float64_loop():
 def test_list_count_grows_with_the_square_root_and_respects_training_points():
     assert list_count(1_000_000) == 4096 and list_count(100_000) == 1024
     assert list_count(300) == 300 // 40 and list_count(10) == 1
-
-
-def float64_recall(gallery: np.ndarray, queries: np.ndarray, found: np.ndarray, own=None, k: int = 10) -> float:
-    """recall@k in float64, query by query: a found row (own row and faiss's -1 left out) is a hit when
-    its score reaches the query's true k-th score."""
-    g, hits = gallery.astype(np.float64), 0
-    for i, query in enumerate(queries.astype(np.float64)):
-        scores = g @ query
-        others = [j for j in range(len(g)) if own is None or j != own[i]]
-        kth = np.sort(scores[others])[::-1][k - 1]
-        row = [j for j in found[i] if j >= 0 and (own is None or j != own[i])][:k]
-        hits += sum(1 for j in row if scores[j] >= kth - 1e-5)
-    return hits / (k * len(queries))
 
 
 def test_approximate_index_reports_the_recall_an_independent_computation_finds():
