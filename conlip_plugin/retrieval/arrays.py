@@ -1,9 +1,12 @@
-"""A ``.npy`` file of known shape written block by block, so that a gallery's vectors are assembled
-from its chunks without holding them all; the file is ``np.save``'s, byte for byte, and appears
-under its name only once every row is written."""
+"""``.npy`` files of a gallery's vectors, written and read a block at a time: ``NpyWriter`` assembles
+one from the chunks without holding them all (``np.save``'s file, byte for byte, under its name only
+once every row is written); ``NpyRows`` reads rows of one without their pages staying in the
+process's resident memory, as those of a memory map held open would while faiss is built."""
+import math
+import mmap
 import os
 from pathlib import Path
-from typing import Tuple
+from typing import Tuple, Union
 
 import numpy as np
 
@@ -31,3 +34,27 @@ class NpyWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.tmp, self.path)
+
+
+class NpyRows:
+    """The rows of a ``.npy`` file, read on demand: each read maps the file, copies the rows asked
+    (a slice or an array of row numbers) and unmaps it, so the pages read are the kernel's page cache,
+    not this process's resident memory."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        mapped = np.load(self.path, mmap_mode="r")
+        self.shape, self.dtype, self._offset = mapped.shape, mapped.dtype, mapped.offset
+        del mapped
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: Union[slice, np.ndarray]) -> np.ndarray:
+        if not len(self):
+            return np.zeros((0, *self.shape[1:]), self.dtype)[rows]
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            whole = np.frombuffer(mapped, self.dtype, count=math.prod(self.shape), offset=self._offset)
+            picked = np.array(whole.reshape(self.shape)[rows])
+            del whole  # the buffer must be released before the map closes
+        return picked

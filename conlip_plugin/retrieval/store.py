@@ -11,8 +11,8 @@ chunk; the manifest says ``complete`` only once every file is in place.
     INDEX/parts/              finished chunks of an unfinished run (removed when it completes)
 
 Nothing holds the gallery whole: chunks go to disk as they are embedded, the final files are
-assembled one chunk at a time, the faiss index is trained and filled from a memory map of the
-vectors; a finished index is read through memory maps, so a search reads the rows it returns.
+assembled one chunk at a time, the faiss index is trained and filled from the vector files read a
+block at a time; a finished index is read through memory maps, so a search reads the rows it returns.
 """
 import dataclasses
 import gc
@@ -30,7 +30,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, NoReturn, Optional,
 import numpy as np
 
 from ..data.files import fail, write_atomic
-from .arrays import NpyWriter
+from .arrays import NpyRows, NpyWriter
 from .distributed import Ranks
 from .embedding import ChunkEmbedder, ImageEmbedder
 from .encoder import Encoder, ModelIdentity
@@ -238,8 +238,7 @@ class IndexWriter:
             done.close()
         os.replace(skipped_tmp, self.out / "skipped.jsonl")
         gc.collect()
-        images = np.load(self.out / "images.npy", mmap_mode="r")
-        caption_vectors = np.load(self.out / "captions.npy", mmap_mode="r")
+        images, caption_vectors = NpyRows(self.out / "images.npy"), NpyRows(self.out / "captions.npy")
         search = {"images": self._approximate("images", images, caption_vectors),
                   "captions": self._approximate("captions", caption_vectors, images)}
         manifest = {"format": FORMAT, "complete": True, "build": self.settings.as_dict(),
