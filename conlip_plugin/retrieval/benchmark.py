@@ -1,5 +1,6 @@
-"""Figures for ``conlip-retrieval``: how fast a model embeds images, and what exact and approximate
-search cost at 10k-1M vectors, written as a Markdown table and a JSON file.
+"""Figures for ``conlip-retrieval``: how fast a model embeds images, what exact and approximate
+search cost at 10k-1M vectors, and (``--store-sizes``, see ``scale``) what ``index`` and ``serve``
+take in time and peak memory up to 10M items, written as a Markdown table and a JSON file.
 
 Embedding: N synthetic JPEGs (smooth random RGB: uniform noise at 1/8 resolution, bilinearly
 upscaled to 480x360, quality 90) embedded by ``Encoder.images`` in batches, timed end to end (decode
@@ -8,7 +9,7 @@ and preprocess in this process, one image after another, then the forward pass) 
 own ``ViT-B-16`` (random init) are built in one process and timed in rounds that alternate which
 goes first; as in ``conlip-bench`` the figures are also given as ratios to that CLIP.
 
-Search, on synthetic unit vectors with neighbourhood structure: a Gaussian mixture (``draw_mixture``)
+Search, on synthetic unit vectors with neighbourhood structure: a Gaussian mixture (``synthetic``)
 whose defaults, 1000 centres and noise 2 (a vector's cosine to its own centre is about 0.45), make
 clusters overlap (a held-out query's exact top-10 holds vectors of other centres: about half at 10k,
 a tenth at 100k, a few per cent at 1M) and IVF at nprobe 1 miss many neighbours. Per gallery size,
@@ -25,6 +26,8 @@ This is the ``conlip-retrieval-bench`` command; ``python -m conlip_plugin.retrie
 
     conlip-retrieval-bench --out runs/bench-retrieval                       # 10k, 100k, 1M; minutes
     conlip-retrieval-bench --sizes 2000 --queries 20 --skip-embedding --out /tmp/b   # seconds
+    conlip-retrieval-bench --skip-embedding --sizes --store-sizes 10000 100000 1000000 10000000
+    # (index and serve up to 10M items: about 25 minutes on 2 cores, 16 GB of disk at the peak)
 """
 import argparse
 import ctypes

@@ -36,12 +36,10 @@ class ItemsWriter:
         self._schema = schema()
         self._sink = pa.OSFile(str(self.tmp), "wb")
         self._writer = pa.ipc.new_file(self._sink, self._schema)
-        self.count = 0
 
     def write(self, records: List[dict]) -> None:
         pa = _arrow()
         self._writer.write_batch(pa.RecordBatch.from_pylist(records, schema=self._schema))
-        self.count += len(records)
 
     def close(self) -> None:
         self._writer.close()
