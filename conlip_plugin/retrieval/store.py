@@ -206,7 +206,7 @@ class IndexWriter:
 
     def _finish(self, chunks: int) -> dict:
         """The final files from the chunks, one chunk in memory at a time; then the approximate indexes
-        over memory maps of the vectors, and the manifest."""
+        from the vector files read a block at a time, and the manifest."""
         dim = self.embedder.embed_dim
         counts = np.zeros(2, dtype=np.int64)
         for n in range(chunks):
