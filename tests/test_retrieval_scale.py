@@ -254,23 +254,29 @@ def test_two_gloo_ranks_under_torchrun_write_the_one_process_index(tmp_path):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
 
 
-def test_the_calculated_figures_follow_the_measured_per_item_costs():
-    """From 10M measured items to 100M: time, disk and loaded memory scale with the items; index's peak
-    swaps the float16 index for the PQ index the sizer makes under the same 8 GiB budget."""
+def test_the_calculated_figures_follow_the_measured_costs():
+    """From 1M and 10M measured items to 100M: time, disk and loaded memory scale with the items;
+    index's peak is the fitted fixed part plus the fitted multiple of the PQ index the sizer makes
+    under the same 8 GiB budget."""
     from conlip_plugin.retrieval.scale import extrapolate
 
-    measured = {"n": 10_000_000,
-                "index": {"wall_s": 1000.0, "peak_rss_bytes": 9e9, "disk_bytes": 11e9,
-                          "files": {"images.faiss": 5e9}, "search": {"kind": "IVF4096,SQfp16"}},
-                "serve": {"base_rss_bytes": 8e8, "loaded_rss_bytes": 9e8, "peak_rss_bytes": 1.9e9}}
-    exact = {**measured, "n": 10_000, "index": {**measured["index"], "search": {"kind": "exact"}}}
-    calc = extrapolate([exact, measured], 100_000_000, 256, 8 * 2 ** 30)
-    fp16, pq = choose(10_000_000, 256, 8 * 2 ** 30), choose(100_000_000, 256, 8 * 2 ** 30)
-    assert calc["kind"] == pq.factory == "OPQ64,IVF4096,PQ64x8" and calc["from"] == 10_000_000
+    budget = 8 * 2 ** 30
+    fp16_1m, fp16_10m, pq = (choose(n, 256, budget) for n in (1_000_000, 10_000_000, 100_000_000))
+
+    def size(n: int, plan) -> dict:  # a peak of 0.3 GB + 1.5 x the index over imports of 0.8 GB
+        return {"n": n, "index": {"wall_s": n / 1e4, "base_rss_bytes": 8e8, "peak_rss_bytes": 8e8 + 3e8 +
+                                  1.5 * plan.bytes, "disk_bytes": n * 1100.0, "files": {"images.faiss": n * 520.0},
+                                  "search": {"kind": plan.factory}},
+                "serve": {"base_rss_bytes": 8e8, "loaded_rss_bytes": 8e8 + n * 10.0, "peak_rss_bytes": 8e8 + n * 110.0}}
+
+    exact = {**size(10_000, fp16_1m), "index": {**size(10_000, fp16_1m)["index"], "search": {"kind": "exact"}}}
+    calc = extrapolate([exact, size(1_000_000, fp16_1m), size(10_000_000, fp16_10m)], 100_000_000, 256, budget)
+    assert calc["kind"] == pq.factory == "OPQ64,IVF4096,PQ64x8" and calc["from"] == [1_000_000, 10_000_000]
     assert calc["index_wall_s"] == pytest.approx(10_000.0)
-    assert calc["index_peak_rss_bytes"] == pytest.approx(9e9 - fp16.bytes + pq.bytes)
-    assert calc["disk_bytes"] == pytest.approx(6e9 * 10 + pq.bytes)
-    assert calc["serve_loaded_rss_bytes"] == pytest.approx(8e8 + 1e8 * 10)
+    assert calc["index_fixed_bytes"] == pytest.approx(3e8) and calc["index_peak_per_index_byte"] == pytest.approx(1.5)
+    assert calc["index_peak_rss_bytes"] == pytest.approx(8e8 + 3e8 + 1.5 * pq.bytes)
+    assert calc["disk_bytes"] == pytest.approx(580.0 * 1e8 + pq.bytes)
+    assert calc["serve_loaded_rss_bytes"] == pytest.approx(8e8 + 1e9)
     # searching reads lists 10x as long, of 64-byte codes where float16 ones are 512 (4096 lists both)
-    assert calc["serve_peak_rss_bytes"] == pytest.approx(1.8e9 + 1e9 * 10 * 64 / 512)
-    assert extrapolate([exact], 100_000_000, 256, 8 * 2 ** 30) is None
+    assert calc["serve_peak_rss_bytes"] == pytest.approx(8e8 + 1e9 + 1e9 * 10 * 64 / 512)
+    assert extrapolate([exact, size(10_000_000, fp16_10m)], 100_000_000, 256, budget) is None

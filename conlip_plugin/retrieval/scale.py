@@ -122,24 +122,29 @@ def bench_store(n: int, work: Path, queries: np.ndarray, dim: int, centres: int,
 
 
 def extrapolate(sizes: List[dict], n: int, dim: int, max_index_memory: int) -> Optional[dict]:
-    """Figures for ``n`` items from the largest measured size with an approximate index, by its per-item
-    costs. Wall time, disk (less the faiss file) and what loading adds to the serving process's memory
-    (over its RSS after the imports) scale with the items. ``index``'s peak is that size's with its faiss
-    index replaced by the one the sizer makes for ``n`` under the same budget, the rest of its memory
-    being bounded by the chunk. What searching adds to the served RSS is the inverted lists' pages it
-    reads: it scales with the bytes of one list (items x code bytes / lists)."""
-    measured = [s for s in sizes if s["index"]["search"]["kind"] != "exact"]
-    if not measured:
+    """Figures for ``n`` items from the two largest measured sizes with an approximate index. Wall time,
+    disk (less the faiss file) and what loading adds to the serving process's memory (over its RSS
+    after the imports) scale with the items, at the largest size's cost per item. ``index``'s peak over
+    its imports is fitted through both sizes as a fixed part plus a multiple of the faiss index's size
+    (the sizer's, for the plan it makes under the same budget): the chunk bounds the rest. What
+    searching adds to the served RSS is the inverted lists' pages it reads: it scales with the bytes of
+    one list (items x code bytes / lists)."""
+    measured = sorted((s for s in sizes if s["index"]["search"]["kind"] != "exact"), key=lambda s: s["n"])
+    if len(measured) < 2:
         return None
-    large = max(measured, key=lambda s: s["n"])
+    small, large = measured[-2], measured[-1]
     scale, serve = n / large["n"], large["serve"]
-    plan, plan_large = choose(n, dim, max_index_memory), choose(large["n"], dim, max_index_memory)
+    plan, plans = choose(n, dim, max_index_memory), [choose(s["n"], dim, max_index_memory) for s in (small, large)]
+    rises = [s["index"]["peak_rss_bytes"] - s["index"]["base_rss_bytes"] for s in (small, large)]
+    per_index_byte = (rises[1] - rises[0]) / (plans[1].bytes - plans[0].bytes)
+    fixed = rises[1] - per_index_byte * plans[1].bytes
     faiss_file = large["index"]["files"].get("images.faiss", 0)
     loaded = serve["base_rss_bytes"] + (serve["loaded_rss_bytes"] - serve["base_rss_bytes"]) * scale
-    list_bytes = scale * plan.code_bytes / plan_large.code_bytes * plan_large.lists / plan.lists
-    return {"n": n, "from": large["n"], "kind": plan.factory, "index_bytes": plan.bytes,
-            "index_wall_s": large["index"]["wall_s"] * scale,
-            "index_peak_rss_bytes": large["index"]["peak_rss_bytes"] - plan_large.bytes + plan.bytes,
+    list_bytes = scale * plan.code_bytes / plans[1].code_bytes * plans[1].lists / plan.lists
+    return {"n": n, "from": [small["n"], large["n"]], "kind": plan.factory, "index_bytes": plan.bytes,
+            "index_wall_s": large["index"]["wall_s"] * scale, "index_fixed_bytes": fixed,
+            "index_peak_per_index_byte": per_index_byte,
+            "index_peak_rss_bytes": large["index"]["base_rss_bytes"] + fixed + per_index_byte * plan.bytes,
             "serve_loaded_rss_bytes": loaded,
             "serve_peak_rss_bytes": loaded + (serve["peak_rss_bytes"] - serve["loaded_rss_bytes"]) * list_bytes,
             "disk_bytes": (large["index"]["disk_bytes"] - faiss_file) * scale + plan.bytes}
@@ -166,8 +171,10 @@ def markdown(store: Dict[str, object]) -> List[str]:
                      f"{v['recall_at_10']:.3f} |")
     calc = store.get("calculated")
     if calc:
-        lines += ["", f"Calculated for {calc['n']:,} items from the per-item costs measured at {calc['from']:,} "
-                      f"(see `scale.extrapolate`): index {calc['kind']} of "
+        lines += ["", f"Calculated for {calc['n']:,} items from the costs measured at {calc['from'][0]:,} and "
+                      f"{calc['from'][1]:,} (see `scale.extrapolate`; index's peak over its imports: "
+                      f"{calc['index_fixed_bytes'] / MB:,.0f} MB + {calc['index_peak_per_index_byte']:.2f} x the "
+                      f"faiss index): index {calc['kind']} of "
                       f"{calc['index_bytes'] / MB:,.0f} MB, index wall {calc['index_wall_s'] / 3600:.1f} h, index "
                       f"peak RSS {calc['index_peak_rss_bytes'] / MB:,.0f} MB, serve RSS loaded "
                       f"{calc['serve_loaded_rss_bytes'] / MB:,.0f} MB, serve peak RSS "
