@@ -280,3 +280,5 @@ def test_the_calculated_figures_follow_the_measured_costs():
     # searching reads lists 10x as long, of 64-byte codes where float16 ones are 512 (4096 lists both)
     assert calc["serve_peak_rss_bytes"] == pytest.approx(8e8 + 1e9 + 1e9 * 10 * 64 / 512)
     assert extrapolate([exact, size(10_000_000, fp16_10m)], 100_000_000, 256, budget) is None
+    too_small = extrapolate([size(1_000_000, fp16_1m), size(10_000_000, fp16_10m)], 100_000_000, 256, 2 ** 20)
+    assert too_small["unbuildable"].startswith("100,000,000 vectors of 256 dimensions need at least")

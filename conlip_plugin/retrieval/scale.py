@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from .nearest import RECALL_K, exact_search, recall_at_k
-from .sizing import choose, format_bytes
+from .sizing import BudgetTooSmall, choose, format_bytes
 from .synthetic import SyntheticEmbedder, synthetic_items
 
 MB = 1e6
@@ -134,7 +134,11 @@ def extrapolate(sizes: List[dict], n: int, dim: int, max_index_memory: int) -> O
         return None
     small, large = measured[-2], measured[-1]
     scale, serve = n / large["n"], large["serve"]
-    plan, plans = choose(n, dim, max_index_memory), [choose(s["n"], dim, max_index_memory) for s in (small, large)]
+    try:
+        plan = choose(n, dim, max_index_memory)
+    except BudgetTooSmall as err:
+        return {"n": n, "from": [small["n"], large["n"]], "unbuildable": str(err)}
+    plans = [choose(s["n"], dim, max_index_memory) for s in (small, large)]
     rises = [s["index"]["peak_rss_bytes"] - s["index"]["base_rss_bytes"] for s in (small, large)]
     per_index_byte = (rises[1] - rises[0]) / (plans[1].bytes - plans[0].bytes)
     fixed = rises[1] - per_index_byte * plans[1].bytes
@@ -170,7 +174,9 @@ def markdown(store: Dict[str, object]) -> List[str]:
                      f"{v['peak_rss_bytes'] / MB:.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | "
                      f"{v['recall_at_10']:.3f} |")
     calc = store.get("calculated")
-    if calc:
+    if calc and calc.get("unbuildable"):
+        lines += ["", f"Not calculated for {calc['n']:,} items: {calc['unbuildable']}."]
+    elif calc:
         lines += ["", f"Calculated for {calc['n']:,} items from the costs measured at {calc['from'][0]:,} and "
                       f"{calc['from'][1]:,} (see `scale.extrapolate`; index's peak over its imports: "
                       f"{calc['index_fixed_bytes'] / MB:,.0f} MB + {calc['index_peak_per_index_byte']:.2f} x the "
