@@ -115,3 +115,23 @@ def test_cuda_asked_without_a_gpu_is_refused_before_any_model_is_built(capsys, m
         with pytest.raises(SystemExit):
             benchmark.main(["--device", device, "--sizes"])
         assert f"{device}, but torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_store_sizes_index_and_serve_in_children_of_their_own(tmp_path):
+    """--store-sizes: each size indexed and served in its own process, with its peak memory over its
+    baseline, the files it wrote, and its latencies and recall (exact search below --exact-below)."""
+    out = tmp_path / "out"
+    benchmark.main(["--skip-embedding", "--sizes", "--store-sizes", "300", "2000", "--queries", "8", "--dim", "16",
+                    "--out", str(out)])
+    report = json.loads((out / "retrieval-bench.json").read_text())
+    store = report["store"]
+    assert [s["n"] for s in store["sizes"]] == [300, 2000] and store["calculated"] is None
+    for size in store["sizes"]:
+        index, serve = size["index"], size["serve"]
+        assert index["peak_rss_bytes"] >= index["base_rss_bytes"] > 0 and index["wall_s"] > 0
+        assert {"items.arrow", "images.npy", "manifest.json"} <= set(index["files"])
+        assert index["disk_bytes"] == sum(index["files"].values()) and index["search"] == {"kind": "exact"}
+        assert serve["peak_rss_bytes"] >= serve["loaded_rss_bytes"] > 0 and 0 < serve["p50_ms"] <= serve["p99_ms"]
+        assert serve["recall_at_10"] == 1.0  # exact search, checked against exact search
+    assert not any(p.name.startswith("index-") for p in out.iterdir())  # the indexes are not kept
+    assert "index and serve at scale" in (out / "retrieval-bench.md").read_text()

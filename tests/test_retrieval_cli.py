@@ -182,7 +182,7 @@ def test_kill_9_mid_run_resumes_to_the_uninterrupted_index(setup, run, tmp_path)
     assert 3 <= finished < 30, f"killed after {finished} of 30 chunks"
     resumed = run(cmd + ["--out", str(tmp_path / "cut")], tmp_path)
     assert f"resuming {tmp_path / 'cut'}: {finished} chunk(s) of 8 items were finished" in resumed.stderr
-    for name in ("images.npy", "captions.npy", "items.jsonl", "skipped.jsonl", "manifest.json"):
+    for name in ("images.npy", "captions.npy", "items.arrow", "skipped.jsonl", "manifest.json"):
         whole, cut = (tmp_path / "whole" / name).read_bytes(), (tmp_path / "cut" / name).read_bytes()
         assert whole == cut, name
 

@@ -15,6 +15,7 @@ import shapes_data
 from conlip_plugin.arguments import positive_float
 from conlip_plugin.retrieval import cli
 from conlip_plugin.retrieval.encoder import Encoder
+from conlip_plugin.retrieval.metadata import ItemsReader, ItemsWriter
 from conlip_plugin.retrieval.nearest import build_approximate
 from conlip_plugin.retrieval.sources import gallery_items, shard_items
 from conlip_plugin.retrieval.store import Index, IndexWriter, NoCaptions
@@ -45,8 +46,10 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
 
 
-def keep_20_lines(path: Path) -> None:
-    path.write_text("".join(path.read_text().splitlines(keepends=True)[:20]))
+def keep_20_rows(path: Path) -> None:
+    writer = ItemsWriter(path)
+    writer.write(ItemsReader(path).rows(range(20)))
+    writer.close()
 
 
 def drop_nprobe(path: Path) -> None:
@@ -61,11 +64,12 @@ def rows_past_the_end(path: Path) -> None:
 
 @pytest.mark.parametrize("kind, name, damage, says", [
     ("exact", "manifest.json", truncate, "manifest.json cannot be read (JSONDecodeError"),
-    ("exact", "items.jsonl", Path.unlink, "items.jsonl cannot be read (FileNotFoundError"),
+    ("exact", "items.arrow", Path.unlink, "items.arrow cannot be read (FileNotFoundError"),
+    ("exact", "items.arrow", truncate, "items.arrow cannot be read (ArrowInvalid"),
     ("exact", "captions.rows.npy", Path.unlink, "captions.rows.npy cannot be read (FileNotFoundError"),
     ("exact", "images.npy", truncate, "images.npy cannot be read (ValueError"),
-    ("exact", "items.jsonl", keep_20_lines, "images.npy holds 30 vectors of {dim} dimensions, where items.jsonl "
-                                            "and the manifest call for 20 of {dim}"),
+    ("exact", "items.arrow", keep_20_rows, "images.npy holds 30 vectors of {dim} dimensions, where items.arrow "
+                                           "and the manifest call for 20 of {dim}"),
     ("exact", "captions.rows.npy", rows_past_the_end, "captions.rows.npy names rows outside the 30 items"),
     ("approximate", "images.faiss", Path.unlink, "images.faiss cannot be read (RuntimeError"),
     ("approximate", "captions.faiss", truncate, "captions.faiss cannot be read (RuntimeError"),
@@ -103,8 +107,8 @@ def test_without_faiss_the_last_step_names_the_install_and_a_rerun_finishes_with
 def test_a_gallery_known_to_need_faiss_is_refused_before_the_model_loads(built, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)
     monkeypatch.setattr(cli, "Encoder", no_model)
-    with pytest.raises(SystemExit, match=r"indexing 30 images \(an approximate index from --exact-below 20 on\) "
-                                         r"needs faiss-cpu .*; or pass a larger --exact-below"):
+    with pytest.raises(SystemExit, match=r"indexing 20 or more images \(an approximate index from --exact-below 20 "
+                                         r"on\) needs faiss-cpu .*; or pass a larger --exact-below"):
         cli.main(["index", "--model", "conlip-tiny", "--images", str(built["data"]["csv"]), "--csv-separator", ",",
                   "--out", str(tmp_path / "idx"), "--exact-below", "20"])
 
@@ -188,6 +192,12 @@ def test_a_run_stopped_before_its_first_chunk_starts_over_with_new_settings(buil
     assert manifest["complete"] and manifest["counts"]["items"] == 30
 
 
+def as_format_1(manifest_path: Path) -> None:
+    manifest = json.loads(manifest_path.read_text())
+    manifest["format"] = 1
+    manifest_path.write_text(json.dumps(manifest))
+
+
 def test_a_stopped_run_of_the_older_format_is_named_as_such(built, tmp_path):
     items = csv_items(built["data"])
 
@@ -197,12 +207,19 @@ def test_a_stopped_run_of_the_older_format_is_named_as_such(built, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         IndexWriter(tmp_path / "idx", built["encoder"], "src", chunk_size=8, progress=False).run(stops_after_a_chunk())
-    part = tmp_path / "idx" / "parts" / "000000.npz"
-    with np.load(part) as loaded:
-        older = {name: loaded[name] for name in loaded.files if name != "items_digest"}
-    np.savez(part, **older)
-    with pytest.raises(SystemExit, match="is a stopped run of an older conlip-plugin, .*; delete .* and index again"):
+    as_format_1(tmp_path / "idx" / "manifest.json")
+    with pytest.raises(SystemExit, match="idx holds a stopped run of format 1 \\(an older conlip-plugin\\); this one "
+                                         "writes format 2. Delete .*idx and index again"):
         IndexWriter(tmp_path / "idx", built["encoder"], "src", chunk_size=8, progress=False).run(items)
+
+
+def test_an_index_of_the_older_format_is_refused_with_the_command_that_rebuilds_it(built, tmp_path):
+    shutil.copytree(built["root"] / "exact", tmp_path / "old")
+    as_format_1(tmp_path / "old" / "manifest.json")
+    with pytest.raises(SystemExit, match=f"is an index of format 1 .*reads format 2. Rebuild it: conlip-retrieval "
+                                         f"index --model conlip-tiny --pretrained {built['ckpt'].resolve()} --images "
+                                         f"{built['data']['csv']} --out NEW_INDEX"):
+        Index(tmp_path / "old")
 
 
 def test_a_gallery_of_k_or_fewer_vectors_is_searched_exactly(built, tmp_path):

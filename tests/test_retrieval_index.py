@@ -13,10 +13,13 @@ from PIL import Image
 
 import retrieval_models
 import shapes_data
+from vector_checks import clustered, float64_recall
 from conlip_plugin.retrieval import cli
-from conlip_plugin.retrieval import store
 from conlip_plugin.retrieval.encoder import MAX_ASPECT_RATIO, Encoder, UnreadableImage, decode_image
-from conlip_plugin.retrieval.nearest import build_approximate, exact_search, list_count, recall_at_k
+from conlip_plugin.retrieval import embedding
+from conlip_plugin.retrieval.metadata import ItemsReader
+from conlip_plugin.retrieval.nearest import build_approximate, exact_search, recall_at_k
+from conlip_plugin.retrieval.sizing import list_count
 from conlip_plugin.retrieval.sources import Item, gallery_items
 from conlip_plugin.retrieval.store import Index, IndexWriter
 
@@ -25,13 +28,6 @@ def float64_top_k(gallery: np.ndarray, query: np.ndarray, k: int) -> list:
     """Explicit loop: every row's score in float64, sorted best first, lower row first on ties."""
     scores = [(-sum(float(a) * float(b) for a, b in zip(row, query)), i) for i, row in enumerate(gallery)]
     return [i for _, i in sorted(scores)[:k]]
-
-
-def clustered(n: int, dim: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((max(1, n // 50), dim))
-    x = centres[rng.integers(0, len(centres), n)] + 1.5 * rng.standard_normal((n, dim))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
 
 
 @pytest.fixture(scope="module")
@@ -78,19 +74,6 @@ def test_exact_search_matches_a_float64_loop():
 def test_list_count_grows_with_the_square_root_and_respects_training_points():
     assert list_count(1_000_000) == 4096 and list_count(100_000) == 1024
     assert list_count(300) == 300 // 40 and list_count(10) == 1
-
-
-def float64_recall(gallery: np.ndarray, queries: np.ndarray, found: np.ndarray, own=None, k: int = 10) -> float:
-    """recall@k in float64, query by query: a found row (own row and faiss's -1 left out) is a hit when
-    its score reaches the query's true k-th score."""
-    g, hits = gallery.astype(np.float64), 0
-    for i, query in enumerate(queries.astype(np.float64)):
-        scores = g @ query
-        others = [j for j in range(len(g)) if own is None or j != own[i]]
-        kth = np.sort(scores[others])[::-1][k - 1]
-        row = [j for j in found[i] if j >= 0 and (own is None or j != own[i])][:k]
-        hits += sum(1 for j in row if scores[j] >= kth - 1e-5)
-    return hits / (k * len(queries))
 
 
 def test_approximate_index_reports_the_recall_an_independent_computation_finds():
@@ -167,14 +150,14 @@ def test_a_strip_image_and_one_that_exhausts_memory_are_skipped_not_fatal(galler
     Image.new("RGB", (20_000, 1)).save(tmp_path / "strip.png")
     with pytest.raises(UnreadableImage, match=f"20000x1 pixels, an aspect ratio over {MAX_ASPECT_RATIO}:1"):
         decode_image((tmp_path / "strip.png").read_bytes(), gallery["encoder"].preprocess)
-    real_decode = store.decode_image
+    real_decode = embedding.decode_image
 
     def exhausted_for_b(data, preprocess):
         if data == (tmp_path / "b.png").read_bytes():
             raise MemoryError
         return real_decode(data, preprocess)
 
-    monkeypatch.setattr(store, "decode_image", exhausted_for_b)
+    monkeypatch.setattr(embedding, "decode_image", exhausted_for_b)
     manifest = IndexWriter(tmp_path / "idx", gallery["encoder"], str(tmp_path), progress=False).run(
         gallery_items(str(tmp_path)))
     assert manifest["counts"] == {"items": 1, "captions": 0, "skipped": 2}
@@ -244,7 +227,7 @@ def test_index_stores_each_image_and_caption_embedding_and_names_what_it_skipped
     images = np.load(tmp_path / "idx" / "images.npy")
     captions = np.load(tmp_path / "idx" / "captions.npy")
     assert images.dtype == np.float16 and captions.dtype == np.float16
-    items = [json.loads(line) for line in (tmp_path / "idx" / "items.jsonl").read_text().splitlines()]
+    items = ItemsReader(tmp_path / "idx" / "items.arrow").rows(range(30))
     encoder = gallery["encoder"]
     for n in (0, 13, 29):
         alone = encoder.images(decode_image(Path(items[n]["path"]).read_bytes(), encoder.preprocess)[None])[0]
@@ -279,7 +262,7 @@ def test_a_stopped_run_resumes_to_the_same_files(gallery, tmp_path):
         Index(tmp_path / "cut")
     resumed = build(gallery, tmp_path / "cut", chunk_size=8)
     assert resumed == whole
-    for name in ("images.npy", "captions.npy", "captions.rows.npy", "items.jsonl", "skipped.jsonl"):
+    for name in ("images.npy", "captions.npy", "captions.rows.npy", "items.arrow", "skipped.jsonl"):
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 

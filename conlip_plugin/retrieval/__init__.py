@@ -2,7 +2,11 @@
 and serve a search page over a JSON API (``serve``); the ``conlip-retrieval`` command.
 
 Modules: ``sources`` (folders, CSVs and webdataset shards as gallery items), ``encoder`` (the model,
-its identity and its preprocessing), ``store`` (the resumable on-disk index), ``nearest`` (exact and
-faiss search, and the approximate index's recall), ``server`` (the web page and API), ``extras``
-(the optional packages, imported with an install hint), ``cli``, ``benchmark``.
+its identity and its preprocessing), ``embedding`` (a chunk of items to its vectors), ``store`` (the
+resumable on-disk index), ``metadata`` (the items' records as a memory-mapped Arrow file),
+``arrays`` (vector files written and read a block at a time), ``nearest`` (exact and faiss search,
+and the approximate index's recall), ``sizing`` (which faiss index fits the memory budget),
+``distributed`` (ranks sharing an index run), ``server`` (the web page and API), ``extras`` (the
+optional packages, imported with an install hint), ``cli``, ``benchmark``, ``scale`` (index and
+serve measured at scale), ``synthetic`` (the benchmarks' vectors).
 """

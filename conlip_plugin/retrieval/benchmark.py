@@ -1,5 +1,6 @@
-"""Figures for ``conlip-retrieval``: how fast a model embeds images, and what exact and approximate
-search cost at 10k-1M vectors, written as a Markdown table and a JSON file.
+"""Figures for ``conlip-retrieval``: how fast a model embeds images, what exact and approximate
+search cost at 10k-1M vectors, and (``--store-sizes``, see ``scale``) what ``index`` and ``serve``
+take in time and peak memory up to 10M items, written as a Markdown table and a JSON file.
 
 Embedding: N synthetic JPEGs (smooth random RGB: uniform noise at 1/8 resolution, bilinearly
 upscaled to 480x360, quality 90) embedded by ``Encoder.images`` in batches, timed end to end (decode
@@ -8,7 +9,7 @@ and preprocess in this process, one image after another, then the forward pass) 
 own ``ViT-B-16`` (random init) are built in one process and timed in rounds that alternate which
 goes first; as in ``conlip-bench`` the figures are also given as ratios to that CLIP.
 
-Search, on synthetic unit vectors with neighbourhood structure: a Gaussian mixture (``draw_mixture``)
+Search, on synthetic unit vectors with neighbourhood structure: a Gaussian mixture (``synthetic``)
 whose defaults, 1000 centres and noise 2 (a vector's cosine to its own centre is about 0.45), make
 clusters overlap (a held-out query's exact top-10 holds vectors of other centres: about half at 10k,
 a tenth at 100k, a few per cent at 1M) and IVF at nprobe 1 miss many neighbours. Per gallery size,
@@ -25,6 +26,8 @@ This is the ``conlip-retrieval-bench`` command; ``python -m conlip_plugin.retrie
 
     conlip-retrieval-bench --out runs/bench-retrieval                       # 10k, 100k, 1M; minutes
     conlip-retrieval-bench --sizes 2000 --queries 20 --skip-embedding --out /tmp/b   # seconds
+    conlip-retrieval-bench --skip-embedding --sizes --store-sizes 10000 100000 1000000 10000000
+    # (index and serve up to 10M items: about 25 minutes on 2 cores, 16 GB of disk at the peak)
 """
 import argparse
 import ctypes
@@ -46,12 +49,16 @@ import numpy as np
 
 from ..arguments import fraction, non_negative_int, positive_float, positive_int, torch_device
 from .nearest import TARGET_RECALL, ApproximateIndex, build_approximate, exact_search, recall_at_k
+from .scale import bench_store, extrapolate
+from .scale import markdown as store_markdown
+from .scale import status_bytes
+from .sizing import DEFAULT_MAX_INDEX_MEMORY, memory_size
+from .synthetic import describe_mixture, synthetic_gallery, synthetic_queries
 
 T = TypeVar("T")
 K = 10
 PAPER_MODEL = "conlip-vit-b16-bert"
 IMAGE_SIZE = (480, 360)
-DRAW_BLOCK = 1 << 16
 WARMUP_QUERIES = 3
 # The issue's targets, all at 1M vectors of 256 dimensions on the 2-core CPU.
 TARGET_SIZE = 1_000_000
@@ -61,65 +68,7 @@ TARGET_RECALL_AT_10 = 0.95
 MB = 1e6
 
 
-# Synthetic vectors ---------------------------------------------------------------------------------
-
-def mixture_centres(count: int, dim: int, seed: int) -> np.ndarray:
-    """``count`` uniformly random unit vectors: the mixture's centres, the same for every gallery size."""
-    centres = np.random.default_rng([seed, 0]).standard_normal((count, dim), dtype=np.float32)
-    return centres / np.linalg.norm(centres, axis=1, keepdims=True)
-
-
-def draw_mixture(count: int, centres: np.ndarray, noise: float, rng: np.random.Generator,
-                 dtype: type) -> Tuple[np.ndarray, np.ndarray]:
-    """``count`` unit rows and their centres: a uniformly chosen centre plus isotropic Gaussian noise of
-    per-coordinate std ``noise/√dim`` (a noise vector of norm ≈ ``noise``), normalised to unit length.
-
-    Uniform random vectors in 256 dimensions are all about equally far apart, so their "nearest"
-    neighbours mean nothing; the centres give neighbourhoods, the noise makes them overlap."""
-    dim = centres.shape[1]
-    out = np.empty((count, dim), dtype=dtype)
-    labels = np.empty(count, dtype=np.int64)
-    for start in range(0, count, DRAW_BLOCK):
-        rows = min(DRAW_BLOCK, count - start)
-        label = rng.integers(len(centres), size=rows)
-        block = centres[label] + np.float32(noise / np.sqrt(dim)) * rng.standard_normal((rows, dim), dtype=np.float32)
-        block /= np.linalg.norm(block, axis=1, keepdims=True)
-        out[start:start + rows], labels[start:start + rows] = block, label
-    return out, labels
-
-
-def synthetic_gallery(n: int, dim: int, centres: int, noise: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-    """The gallery as an index stores it: float16 unit rows (and each row's centre)."""
-    return draw_mixture(n, mixture_centres(centres, dim, seed), noise, np.random.default_rng([seed, 1]), np.float16)
-
-
-def synthetic_queries(count: int, dim: int, centres: int, noise: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Held-out queries from the gallery's mixture, float32 as the encoder gives them; the same set at
-    every gallery size."""
-    return draw_mixture(count, mixture_centres(centres, dim, seed), noise, np.random.default_rng([seed, 2]),
-                        np.float32)
-
-
-def describe_mixture(centres: int, noise: float, dim: int, seed: int) -> str:
-    return (f"Gaussian mixture: {centres} centres (uniformly random unit vectors, seed {seed}); each vector is "
-            f"a uniformly chosen centre plus isotropic Gaussian noise of per-coordinate std {noise}/sqrt({dim}) "
-            f"(noise norm ~{noise}), normalised to unit length; gallery float16, queries float32, "
-            f"queries drawn separately (not in the gallery)")
-
-
 # Memory and timing ---------------------------------------------------------------------------------
-
-def _status_bytes(field: str) -> Optional[int]:
-    """A ``/proc/self/status`` memory field in bytes (None off Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
 
 def _reset_peak() -> bool:
     """Set the kernel's peak-RSS mark (VmHWM) to the current RSS, so a step's own peak can be read."""
@@ -154,11 +103,11 @@ def measured(step: Callable[[], T]) -> Tuple[T, Measured]:
     gc.collect()
     _trim_heap()
     reset = _reset_peak()
-    before = _status_bytes("VmRSS")
+    before = status_bytes("VmRSS")
     start = time.perf_counter()
     result = step()
     seconds = time.perf_counter() - start
-    after, peak = _status_bytes("VmRSS"), _status_bytes("VmHWM")
+    after, peak = status_bytes("VmRSS"), status_bytes("VmHWM")
     if before is None or after is None:
         return result, Measured(seconds, None, None)
     return result, Measured(seconds, peak - before if reset and peak is not None else None, after - before)
@@ -454,6 +403,8 @@ def markdown(report: dict) -> str:
             verdict = "yes" if t["met"] else f"**no**, by {abs(t['margin']):.3g} {t['unit']}".rstrip()
             lines.append(f"| {t['target']} | {shown} | {verdict} |")
         lines.append("")
+    if report.get("store"):
+        lines += store_markdown(report["store"])
     return "\n".join(lines)
 
 
@@ -471,6 +422,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder for retrieval-bench.md, retrieval-bench.json and neighbours-N.npz")
     parser.add_argument("--sizes", type=gallery_size, nargs="*", default=[10_000, 100_000, 1_000_000],
                         help=f"gallery sizes, each more than k={K} (none: embedding only)")
+    parser.add_argument("--store-sizes", type=gallery_size, nargs="*", default=[],
+                        help="gallery sizes to index and serve in child processes (the store's real path with "
+                             "synthetic vectors), e.g. 10000 100000 1000000 10000000")
+    parser.add_argument("--calculate-for", type=gallery_size, default=100_000_000,
+                        help="the gallery size whose --store-sizes figures are calculated from the two largest "
+                             "measured")
+    parser.add_argument("--chunk-size", type=positive_int, default=4096, help="--store-sizes: index chunk size")
+    parser.add_argument("--max-index-memory", type=memory_size, default=DEFAULT_MAX_INDEX_MEMORY,
+                        help="--store-sizes: as conlip-retrieval index's")
     parser.add_argument("--dim", type=positive_int, default=256)
     parser.add_argument("--queries", type=positive_int, default=500, help="held-out queries, searched one at a time")
     parser.add_argument("--centres", type=positive_int, default=1000, help="mixture centres (the same at every size)")
@@ -499,10 +459,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     """The ``conlip-retrieval-bench`` command (argv: its arguments; default sys.argv)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.skip_embedding and not args.sizes:
+    if args.skip_embedding and not args.sizes and not args.store_sizes:
         parser.error("--skip-embedding with no --sizes leaves nothing to measure; give gallery sizes, or drop "
                      "--skip-embedding")
-    if args.sizes:
+    if args.sizes or args.store_sizes:
         try:
             import faiss  # noqa: F401
         except ImportError:
@@ -511,7 +471,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine_info(), "argv": sys.argv[1:] if argv is None else argv, "embedding": None,
-              "sizes": [], "targets": []}
+              "sizes": [], "targets": [], "store": None}
     if not args.skip_embedding:
         report["embedding"] = bench_embedding(args)
     if args.sizes:
@@ -522,6 +482,14 @@ def main(argv: Optional[List[str]] = None) -> None:
                            "warmup_queries": WARMUP_QUERIES}
         report["sizes"] = [bench_size(n, args, queries, query_labels) for n in args.sizes]
         report["targets"] = check_targets(report["sizes"])
+    if args.store_sizes:
+        queries, _ = synthetic_queries(args.queries, args.dim, args.centres, args.noise, args.seed)
+        sizes = [bench_store(n, args.out, queries, args.dim, args.centres, args.noise, args.seed, args.chunk_size,
+                             args.max_index_memory) for n in args.store_sizes]
+        report["store"] = {"dim": args.dim, "queries": args.queries, "chunk_size": args.chunk_size,
+                           "max_index_memory": args.max_index_memory, "sizes": sizes,
+                           "vectors": describe_mixture(args.centres, args.noise, args.dim, args.seed),
+                           "calculated": extrapolate(sizes, args.calculate_for, args.dim, args.max_index_memory)}
     report["load_average_at_end"] = list(os.getloadavg())
     report["wall_s"] = time.perf_counter() - start
     text = markdown(report)

@@ -6,8 +6,12 @@
 
 SRC is a folder of images (a sidecar NAME.txt is an image's caption), a CSV/TSV read with open_clip's
 ``--csv-*`` flags, or webdataset shards (a braceexpand pattern such as ``data/{000000..000009}.tar``).
+
+``index`` runs on several GPUs or nodes under torchrun or srun (``torchrun --nproc-per-node 8 -m
+conlip_plugin.retrieval.cli index ...``): the ranks share the chunks, rank 0 writes the index.
 """
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -18,13 +22,17 @@ from typing import List, Optional
 import numpy as np
 
 from ..arguments import fraction, non_negative_int, port_number, positive_float, positive_int, torch_device
-from ..data.files import fail, listing
+from ..data.files import fail
 from .encoder import MAX_ASPECT_RATIO, Encoder, ExtremeAspectRatio, ModelIdentity, UnreadableImage, loader_workers
 from .extras import require
 from .limits import ServingLimits
 from .nearest import EXACT_BELOW, RECALL_K, TARGET_RECALL
-from .sources import gallery_items, is_shard_pattern
+from .distributed import from_environment
+from .sizing import DEFAULT_MAX_INDEX_MEMORY, format_bytes, memory_size
+from .sources import gallery_items
 from .store import MODALITIES, Index, IndexWriter, NoCaptions
+
+SKIPPED_PRINTED = 5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="galleries smaller than this are searched exactly; larger ones get a faiss index")
     index.add_argument("--target-recall", type=fraction, default=TARGET_RECALL,
                        help="recall@10 against exact search the faiss index is tuned to reach")
+    index.add_argument("--max-index-memory", type=memory_size, default=DEFAULT_MAX_INDEX_MEMORY,
+                       help=f"memory each faiss index may take, e.g. 4G (default "
+                            f"{format_bytes(DEFAULT_MAX_INDEX_MEMORY)}): float16 codes while they fit, else "
+                            f"product quantisation")
     index.add_argument("--device", type=torch_device, default=None, help="default: cuda when there is one, else cpu")
     index.add_argument("--no-progress", action="store_true")
 
@@ -153,22 +165,34 @@ def check_out(out: Path) -> None:
 def run_index(args: argparse.Namespace) -> None:
     check_out(args.out)
     items = gallery_items(args.images, args.csv_img_key, args.csv_caption_key, args.csv_separator)
-    items = items if is_shard_pattern(args.images) else list(items)  # a CSV's or folder's errors come first
-    if isinstance(items, list) and len(items) >= max(args.exact_below, RECALL_K + 1):
-        require("faiss", f"indexing {len(items):,} images (an approximate index from --exact-below "
+    # The first items are listed before the model loads: a source's errors come first, and so does a
+    # missing faiss for a gallery known to need it (known from its first exact_below items, no more).
+    needs_faiss = max(args.exact_below, RECALL_K + 1)
+    first = list(itertools.islice(items, min(needs_faiss, EXACT_BELOW)))
+    if len(first) >= needs_faiss:
+        require("faiss", f"indexing {len(first):,} or more images (an approximate index from --exact-below "
                          f"{args.exact_below:,} on)", then="; or pass a larger --exact-below for exact search")
-    encoder = Encoder(args.model, args.pretrained, args.device)
+    ranks, device = from_environment(args.device)
+    encoder = Encoder(args.model, args.pretrained, device)
     writer = IndexWriter(args.out, encoder, args.images, chunk_size=args.chunk_size, batch_size=args.batch_size,
                          workers=loader_workers(args.workers), exact_below=args.exact_below,
-                         target_recall=args.target_recall, progress=not args.no_progress)
-    manifest = writer.run(items, total=len(items) if isinstance(items, list) else None)
+                         target_recall=args.target_recall, max_index_memory=args.max_index_memory,
+                         progress=not args.no_progress, ranks=ranks)
+    manifest = writer.run(itertools.chain(first, items))
+    if manifest is None:
+        print(f"rank {ranks.rank} of {ranks.world}: its chunks of {args.images} are embedded into {args.out}; "
+              f"rank 0 writes the index")
+        return
     counts = manifest["counts"]
     print(f"indexed {counts['items']} images ({counts['captions']} with captions) of {args.images} with "
           f"{encoder.identity.describe()} into {args.out}")
     if counts["skipped"]:
-        skipped = [json.loads(line) for line in (args.out / "skipped.jsonl").read_text().splitlines()]
-        named = listing([f"{entry['key']} ({entry['reason']})" for entry in skipped])
-        print(f"skipped {counts['skipped']} unreadable item(s): {named}; all in {args.out}/skipped.jsonl")
+        with open(args.out / "skipped.jsonl", encoding="utf-8") as f:
+            skipped = [json.loads(line) for line in itertools.islice(f, SKIPPED_PRINTED + 1)]
+        named = [f"{entry['key']} ({entry['reason']})" for entry in skipped[:SKIPPED_PRINTED]]
+        more = counts["skipped"] - len(named)
+        print(f"skipped {counts['skipped']} unreadable item(s): {', '.join(named)}"
+              f"{f' and {more} more' if more else ''}; all in {args.out}/skipped.jsonl")
     for modality, search in manifest["search"].items():
         if search["kind"] != "exact":
             print(f"{modality}: approximate index {search['kind']}, nprobe {search['nprobe']}, recall@10 "
@@ -200,6 +224,8 @@ def run_search(args: argparse.Namespace) -> None:
     except NoCaptions as err:
         fail(f"{err} (--against images).")
     show(results, args.json)
+    if results.short_reason:
+        print(f"note: {len(results)} result(s), not {args.k}: {results.short_reason}", file=sys.stderr)
 
 
 def run_serve(args: argparse.Namespace) -> None:

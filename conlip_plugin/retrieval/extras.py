@@ -1,5 +1,5 @@
-"""The retrieval extra's packages (faiss, FastAPI, uvicorn, python-multipart) are optional: training
-and evaluation do not need them. Each is imported where it is needed, and a missing one stops with
+"""The retrieval extra's packages (faiss, pyarrow, FastAPI, uvicorn, python-multipart) are optional:
+training and evaluation do not need them. Each is imported where it is needed, and a missing one stops with
 the install command instead of a traceback."""
 import importlib
 from types import ModuleType
@@ -7,8 +7,8 @@ from types import ModuleType
 from ..data.files import fail
 
 INSTALL = "pip install 'conlip-plugin[retrieval]'"
-DISTRIBUTIONS = {"faiss": "faiss-cpu (or faiss-gpu)", "fastapi": "fastapi", "uvicorn": "uvicorn",
-                 "python_multipart": "python-multipart"}
+DISTRIBUTIONS = {"faiss": "faiss-cpu (or faiss-gpu)", "pyarrow": "pyarrow", "fastapi": "fastapi",
+                 "uvicorn": "uvicorn", "python_multipart": "python-multipart"}
 
 
 def require(module: str, needed_for: str, then: str = "") -> ModuleType:

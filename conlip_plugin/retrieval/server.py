@@ -214,9 +214,9 @@ def create_app(index: Index, encoder: Encoder, max_upload_bytes: int,
     def item_image(row: int) -> Response:
         """A file item streams from its file (with ETag, Last-Modified and Range); a shard member is read
         whole, as it is one byte range of a larger file."""
-        if not 0 <= row < len(index.items):
-            raise HTTPException(404, f"no item {row}; this index holds items 0 to {len(index.items) - 1}.")
-        item = Item.from_record(index.items[row])
+        if not 0 <= row < index.count:
+            raise HTTPException(404, f"no item {row}; this index holds items 0 to {index.count - 1}.")
+        item = Item.from_record(index.rows([row])[0])
         try:
             if item.path is not None:
                 with open(item.path, "rb") as f:  # before the FileResponse, which finds a missing file too late

@@ -2,8 +2,11 @@
 
 Items come in a fixed order (sorted files, CSV rows, shard members), so an interrupted index run
 can skip what it finished by position. An item names where its image bytes are; nothing is decoded
-here, so enumerating a million items costs only their metadata.
+here. Every source is streamed: a folder is walked one directory at a time, a CSV read in blocks of
+rows, so that listing a gallery holds no more than a block of it whatever its size.
 """
+import itertools
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +19,7 @@ from ..data.shards import tar_samples
 from ..sample_errors import IMAGE_EXTENSIONS
 
 DEFAULT_CAPTION_KEY = "title"  # open_clip_train's --csv-caption-key default
+CSV_BLOCK_ROWS = 65536
 
 FOLDER_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -60,38 +64,60 @@ def _caption(text: Optional[str]) -> Optional[str]:
     return caption or None
 
 
+def _sorted_files(folder: Path) -> Iterator[Path]:
+    """Files under ``folder`` in ``sorted(folder.rglob("*"))``'s order (paths compare part by part; linked
+    folders are not entered, as rglob does not), one directory's listing in memory at a time."""
+    with os.scandir(folder) as listed:
+        entries = sorted(listed, key=lambda entry: entry.name)
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            yield from _sorted_files(Path(entry.path))
+        elif entry.is_file():
+            yield Path(entry.path)
+
+
 def folder_items(root: Path) -> Iterator[Item]:
     """Image files under ``root`` (recursive, sorted); a sidecar ``NAME.txt`` is the image's caption."""
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in FOLDER_IMAGE_SUFFIXES):
+    for path in _sorted_files(root):
+        if path.suffix.lower() not in FOLDER_IMAGE_SUFFIXES:
+            continue
         sidecar = path.with_suffix(".txt")
         caption = _caption(sidecar.read_text(errors="replace")) if sidecar.is_file() else None
         yield Item(key=str(path.relative_to(root)), caption=caption, path=str(path.resolve()))
 
 
 def csv_items(csv_path: Path, img_key: str, caption_key: Optional[str], separator: str) -> Iterator[Item]:
-    """Rows of a CSV as open_clip_train reads it (pandas, ``--csv-separator``); relative image paths are
-    taken from the working directory, as open_clip does, else from the CSV's folder. Captions come from
-    ``caption_key``, which must exist, or (None) from a ``title`` column if there is one."""
+    """Rows of a CSV as open_clip_train reads it (pandas, ``--csv-separator``), read in blocks of
+    ``CSV_BLOCK_ROWS``; relative image paths are taken from the working directory, as open_clip does,
+    else from the CSV's folder. Captions come from ``caption_key``, which must exist, or (None) from a
+    ``title`` column if there is one. The columns are checked here, before any item is asked for."""
     import pandas as pd
 
     try:
-        frame = pd.read_csv(csv_path, sep=separator, dtype=str, keep_default_na=False)
+        blocks = pd.read_csv(csv_path, sep=separator, dtype=str, keep_default_na=False, chunksize=CSV_BLOCK_ROWS)
+        first = next(blocks, None)
     except (OSError, ValueError) as err:
         fail(f"{csv_path}: cannot read this CSV ({err}); check --csv-separator (open_clip's default is a tab).")
-    if img_key not in frame.columns:
-        fail(f"{csv_path} has no column {img_key!r} (columns: {list(frame.columns)}); pass --csv-img-key "
+    columns = list(first.columns) if first is not None else []
+    if img_key not in columns:
+        fail(f"{csv_path} has no column {img_key!r} (columns: {columns}); pass --csv-img-key "
              f"(and --csv-separator if the header was not split: open_clip's default separator is a tab).")
     if caption_key is None:
-        caption_key = DEFAULT_CAPTION_KEY if DEFAULT_CAPTION_KEY in frame.columns else None
-    elif caption_key not in frame.columns:
-        fail(f"{csv_path} has no caption column {caption_key!r} (columns: {list(frame.columns)}); pass the "
+        caption_key = DEFAULT_CAPTION_KEY if DEFAULT_CAPTION_KEY in columns else None
+    elif caption_key not in columns:
+        fail(f"{csv_path} has no caption column {caption_key!r} (columns: {columns}); pass the "
              f"caption column as --csv-caption-key, or leave the flag out to index the images without captions.")
-    captions = frame[caption_key].tolist() if caption_key else [None] * len(frame)
-    for name, caption in zip(frame[img_key].tolist(), captions):
-        path = Path(name)
-        if not path.is_absolute() and not path.exists() and (csv_path.parent / path).exists():
-            path = csv_path.parent / path
-        yield Item(key=name, caption=_caption(caption), path=str(path.resolve()))
+    return _csv_rows(csv_path, itertools.chain([first], blocks), img_key, caption_key)
+
+
+def _csv_rows(csv_path: Path, blocks, img_key: str, caption_key: Optional[str]) -> Iterator[Item]:
+    for frame in blocks:
+        captions = frame[caption_key].tolist() if caption_key else [None] * len(frame)
+        for name, caption in zip(frame[img_key].tolist(), captions):
+            path = Path(name)
+            if not path.is_absolute() and not path.exists() and (csv_path.parent / path).exists():
+                path = csv_path.parent / path
+            yield Item(key=name, caption=_caption(caption), path=str(path.resolve()))
 
 
 def shard_items(pattern: str) -> Iterator[Item]:

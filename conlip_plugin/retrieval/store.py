@@ -3,14 +3,19 @@ large galleries. Built in chunks, each saved atomically, so a killed run resumes
 chunk; the manifest says ``complete`` only once every file is in place.
 
     INDEX/manifest.json       model identity and preprocessing, source, counts, search settings
-    INDEX/items.jsonl         one record per indexed item (key, path or shard range, caption)
+    INDEX/items.arrow         one record per indexed item (key, path or shard range, caption): Arrow IPC
     INDEX/images.npy          float16 [items, dim], unit rows, in item order
     INDEX/captions.npy        float16 [captioned items, dim]; captions.rows.npy: their item rows
     INDEX/skipped.jsonl       items left out, each with the reason
     INDEX/{images,captions}.faiss   approximate indexes (large galleries only)
     INDEX/parts/              finished chunks of an unfinished run (removed when it completes)
+
+Nothing holds the gallery whole: chunks go to disk as they are embedded, the final files are
+assembled one chunk at a time, the faiss index is trained and filled from the vector files read a
+block at a time; a finished index is read through memory maps, so a search reads the rows it returns.
 """
 import dataclasses
+import gc
 import hashlib
 import io
 import itertools
@@ -20,53 +25,31 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, NoReturn, Optional, Sequence, TypeVar
+from typing import Callable, Dict, Iterable, Iterator, List, NoReturn, Optional, Sequence, TypeVar, Union
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
-from ..data.files import fail, listing, write_atomic
-from .encoder import Encoder, ModelIdentity, UnreadableImage, decode_image
+from ..data.files import fail, write_atomic
+from .arrays import NpyRows, NpyWriter
+from .distributed import Ranks
+from .embedding import ChunkEmbedder, ImageEmbedder
+from .encoder import Encoder, ModelIdentity
 from .extras import require
-from .nearest import (EXACT_BELOW, RECALL_K, TARGET_RECALL, ApproximateIndex, build_approximate,
-                      exact_search)
+from .metadata import ItemsReader, ItemsWriter
+from .nearest import EXACT_BELOW, RECALL_K, TARGET_RECALL, ApproximateIndex, build_approximate, exact_search
+from .sizing import DEFAULT_MAX_INDEX_MEMORY, BudgetTooSmall
 from .sources import Item
 
-FORMAT = 1
+FORMAT = 2  # 1: items.jsonl, read whole at load
 T = TypeVar("T")
 MODALITIES = ("images", "captions")
 RESULT_FIELDS = ("key", "path", "shard", "caption")
+SKIPPED_SHOWN = 5  # skipped items named when nothing could be read
 _log = logging.getLogger("conlip_plugin.retrieval")
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    write_atomic(path, buffer.getvalue())
 
 
 def _write_json(path: Path, value: object) -> None:
     write_atomic(path, (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode())
-
-
-class _Decoded(Dataset):
-    """A chunk's items decoded and preprocessed in loader workers; a failure is returned, not raised."""
-
-    def __init__(self, items: List[Item], preprocess):
-        self.items, self.preprocess = items, preprocess
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        item = self.items[i]
-        try:
-            return i, decode_image(item.read_bytes(), self.preprocess), None
-        except (UnreadableImage, OSError) as err:
-            return i, None, str(err)
-        except MemoryError:  # one image the decoder cannot hold must not stop, on every rerun, the whole index
-            return i, None, "out of memory while decoding it"
 
 
 def _items_digest(items: List[Item]) -> str:
@@ -76,11 +59,19 @@ def _items_digest(items: List[Item]) -> str:
     return hashlib.sha256(listed.encode()).hexdigest()
 
 
-def _collate(batch):
-    good = [(i, t) for i, t, _ in batch if t is not None]
-    bad = [(i, reason) for i, _, reason in batch if reason is not None]
-    tensors = torch.stack([t for _, t in good]) if good else None
-    return [i for i, _ in good], tensors, bad
+def _chunks(items: Iterable[Item], size: int) -> Iterator[List[Item]]:
+    items = iter(items)
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
+
+def rebuild_command(build: dict) -> str:
+    """The ``conlip-retrieval index`` command that rebuilds an index of these build settings (a CSV's
+    ``--csv-*`` flags are not recorded: the same as before)."""
+    model = build.get("model") or {}
+    pretrained = f" --pretrained {model['pretrained']}" if model.get("pretrained") else ""
+    return (f"conlip-retrieval index --model {model.get('model', 'MODEL')}{pretrained} --images "
+            f"{build.get('source', 'SRC')} --out NEW_INDEX (with a CSV's --csv-* flags as before)")
 
 
 @dataclass
@@ -96,78 +87,82 @@ class BuildSettings:
 
 
 class IndexWriter:
-    """Embeds items chunk by chunk into ``out``; ``run`` resumes a killed build of the same settings."""
+    """Embeds items chunk by chunk into ``out``; ``run`` resumes a killed build of the same settings.
 
-    def __init__(self, out: Path, encoder: Encoder, source: str, chunk_size: int = 4096, batch_size: int = 64,
-                 workers: int = 0, exact_below: int = EXACT_BELOW, target_recall: float = TARGET_RECALL,
-                 progress: bool = True):
-        self.out, self.encoder = Path(out), encoder
-        self.settings = BuildSettings(source, encoder.identity.as_dict(), chunk_size)
-        self.batch_size, self.workers, self.progress = batch_size, workers, progress
-        self.exact_below, self.target_recall = exact_below, target_recall
+    ``encoder``: an ``Encoder`` (embedded in batches of ``batch_size``, decoded in ``workers``) or any
+    ``ChunkEmbedder``. Under several ``ranks`` each embeds the chunks it owns and rank 0 assembles."""
+
+    def __init__(self, out: Path, encoder: Union[Encoder, ChunkEmbedder], source: str, chunk_size: int = 4096,
+                 batch_size: int = 64, workers: int = 0, exact_below: int = EXACT_BELOW,
+                 target_recall: float = TARGET_RECALL, max_index_memory: int = DEFAULT_MAX_INDEX_MEMORY,
+                 progress: bool = True, ranks: Ranks = Ranks()):
+        self.out = Path(out)
+        self.embedder = encoder if isinstance(encoder, ChunkEmbedder) else ImageEmbedder(encoder, batch_size, workers)
+        self.settings = BuildSettings(source, self.embedder.identity.as_dict(), chunk_size)
+        self.progress, self.ranks = progress, ranks
+        self.exact_below, self.target_recall, self.max_index_memory = exact_below, target_recall, max_index_memory
         self.parts = self.out / "parts"
 
-    def _start(self) -> int:
-        """Chunks already finished (0 for a new index); refuses an index of other settings, unless its run
-        stopped before finishing a chunk (then this run starts it over)."""
+    def _part(self, number: int) -> Path:
+        return self.parts / f"{number:06d}.npz"
+
+    def _check_settings(self) -> Optional[dict]:
+        """The manifest of an index of these settings (None for a new one); refuses an index of other
+        settings, unless its run stopped before finishing a chunk (then this run starts it over)."""
         manifest_path = self.out / "manifest.json"
-        if manifest_path.is_file():
-            manifest = json.loads(manifest_path.read_text())
-            unstarted = not manifest.get("complete") and not (self.parts / f"{0:06d}.npz").is_file()
-            if manifest.get("build") != self.settings.as_dict() and not unstarted:
-                old = manifest.get("build", {})
-                fail(f"{self.out} holds an index of {old.get('source')!r} with "
-                     f"{ModelIdentity(**old['model']).describe() if old.get('model') else 'another model'}, "
-                     f"chunk size {old.get('chunk_size')}; this run asks for {self.settings.source!r} with "
-                     f"{self.encoder.identity.describe()}, chunk size {self.settings.chunk_size}. "
-                     f"Pass another --out, or delete {self.out} to rebuild.")
-            if manifest.get("complete"):
-                return -1
-        elif self.out.exists() and any(self.out.iterdir()):
-            fail(f"{self.out} exists and is not an index (no manifest.json); pass an empty or new --out.")
-        self.parts.mkdir(parents=True, exist_ok=True)
-        _write_json(manifest_path, {"format": FORMAT, "complete": False, "build": self.settings.as_dict()})
-        return sum(1 for _ in itertools.takewhile(lambda n: (self.parts / f"{n:06d}.npz").is_file(),
-                                                  itertools.count()))
+        if not manifest_path.is_file():
+            if self.out.exists() and any(self.out.iterdir()):
+                fail(f"{self.out} exists and is not an index (no manifest.json); pass an empty or new --out.")
+            return None
+        manifest = json.loads(manifest_path.read_text())
+        unstarted = not manifest.get("complete") and not any(self.parts.glob("*.npz"))
+        if unstarted:
+            return None
+        if manifest.get("format") != FORMAT:
+            fail(f"{self.out} holds {'an index' if manifest.get('complete') else 'a stopped run'} of format "
+                 f"{manifest.get('format')} (an older conlip-plugin); this one writes format {FORMAT}. Delete "
+                 f"{self.out} and index again, or pass another --out.")
+        if manifest.get("build") != self.settings.as_dict():
+            old = manifest.get("build", {})
+            fail(f"{self.out} holds an index of {old.get('source')!r} with "
+                 f"{ModelIdentity(**old['model']).describe() if old.get('model') else 'another model'}, "
+                 f"chunk size {old.get('chunk_size')}; this run asks for {self.settings.source!r} with "
+                 f"{self.embedder.identity.describe()}, chunk size {self.settings.chunk_size}. "
+                 f"Pass another --out, or delete {self.out} to rebuild.")
+        return manifest
+
+    def _start(self) -> Optional[dict]:
+        """The finished manifest if the index is complete; else the run is set up (by rank 0, while the
+        others wait) and None. Every rank checks the settings, so all stop alike on a refusal."""
+        manifest = self._check_settings()
+        self.ranks.barrier()  # no rank reads the manifest while rank 0 rewrites it
+        if manifest is not None and manifest.get("complete"):
+            return manifest
+        if self.ranks.main:
+            self.parts.mkdir(parents=True, exist_ok=True)
+            _write_json(self.out / "manifest.json", {"format": FORMAT, "complete": False,
+                                                     "build": self.settings.as_dict()})
+        self.ranks.barrier()
+        return None
 
     def _embed_chunk(self, number: int, items: List[Item], bar) -> None:
-        loader = DataLoader(_Decoded(items, self.encoder.preprocess), batch_size=self.batch_size,
-                            num_workers=self.workers, collate_fn=_collate,
-                            pin_memory=self.encoder.device.type == "cuda")
-        rows, vectors, skipped = [], [], []
-        for positions, tensors, bad in loader:
-            if tensors is not None:
-                rows.extend(positions)
-                vectors.append(self.encoder.images(tensors).half().numpy())
-            skipped.extend(bad)
-            bar.update(len(positions) + len(bad))
-        kept = sorted(range(len(rows)), key=rows.__getitem__)
-        rows = [rows[j] for j in kept]
-        images = np.concatenate(vectors)[kept] if vectors else np.zeros((0, self.encoder.embed_dim), np.float16)
-        captioned = [j for j, r in enumerate(rows) if items[r].caption]
-        captions = [items[rows[j]].caption for j in captioned]
-        text = [self.encoder.texts(captions[s:s + self.batch_size]).half().numpy()
-                for s in range(0, len(captions), self.batch_size)]
-        records = [items[r].record() for r in rows]
-        reasons = [{"key": items[i].key, "reason": reason} for i, reason in sorted(skipped)]
+        chunk = self.embedder.embed_chunk(items, bar.update)
+        records = [items[r].record() for r in chunk.rows]
+        reasons = [{"key": items[i].key, "reason": reason} for i, reason in chunk.skipped]
         buffer = io.BytesIO()
-        np.savez(buffer, images=images,
-                 captions=np.concatenate(text) if text else np.zeros((0, self.encoder.embed_dim), np.float16),
-                 caption_rows=np.asarray(captioned, dtype=np.int64),
+        np.savez(buffer, images=chunk.images, captions=chunk.captions, caption_rows=chunk.caption_rows,
+                 counts=np.asarray([len(chunk.images), len(chunk.captions)], dtype=np.int64),
                  records=np.frombuffer(json.dumps(records).encode(), dtype=np.uint8),
                  items_digest=np.frombuffer(_items_digest(items).encode(), dtype=np.uint8),
                  skipped=np.frombuffer(json.dumps(reasons).encode(), dtype=np.uint8))
-        write_atomic(self.parts / f"{number:06d}.npz", buffer.getvalue())
+        write_atomic(self._part(number), buffer.getvalue())
         for entry in reasons:
             _log.warning("skipped %s: %s", entry["key"], entry["reason"])
 
     def _check_unchanged(self, number: int, items: List[Item]) -> None:
         """Refuse to resume when finished chunk ``number`` no longer lists the same items."""
-        with np.load(self.parts / f"{number:06d}.npz") as part:
-            digest = part["items_digest"].tobytes().decode() if "items_digest" in part.files else None
-        if digest is None:
-            fail(f"{self.out} is a stopped run of an older conlip-plugin, whose chunks cannot be checked against "
-                 f"the source; delete {self.out} and index again.")
+        with np.load(self._part(number)) as part:
+            digest = part["items_digest"].tobytes().decode()
         size = self.settings.chunk_size
         if digest != _items_digest(items):
             where = f"from {items[0].key!r}" if items else "past the end of the source"
@@ -175,65 +170,96 @@ class IndexWriter:
                  f"(items {number * size} to {(number + 1) * size - 1}, {where}) differs; the source changed. "
                  f"Delete {self.out} and index again.")
 
-    def run(self, items: Iterable[Item], total: Optional[int] = None) -> dict:
-        """Embed every item not yet done, then write the final files; returns the manifest."""
+    def run(self, items: Iterable[Item], total: Optional[int] = None) -> Optional[dict]:
+        """Embed every chunk of this rank not yet done, then (rank 0) write the final files; returns the
+        manifest (None on the other ranks, which stop once their chunks are done)."""
         from tqdm import tqdm
 
-        done = self._start()
-        if done < 0:
-            shutil.rmtree(self.parts, ignore_errors=True)
+        finished = self._start()
+        if finished is not None:
+            if self.ranks.main:
+                shutil.rmtree(self.parts, ignore_errors=True)
             _log.info("%s is already complete; nothing to do", self.out)
-            return json.loads((self.out / "manifest.json").read_text())
+            return finished
         size = self.settings.chunk_size
-        items = iter(items)
-        for number in range(done):
-            self._check_unchanged(number, list(itertools.islice(items, size)))
-        skipped_before = done * size
-        bar = tqdm(total=total, initial=skipped_before, unit="img", desc="embedding", disable=not self.progress)
-        if skipped_before:
-            _log.info("resuming %s: %d chunk(s) of %d items were finished", self.out, done, size)
-        number = done
-        while chunk := list(itertools.islice(items, size)):
-            self._embed_chunk(number, chunk, bar)
-            number += 1
+        done = {int(p.stem) for p in self.parts.glob("*.npz") if p.stem.isdigit()}
+        if done and self.ranks.main:
+            _log.info("resuming %s: %d chunk(s) of %d items were finished", self.out, len(done), size)
+        bar = tqdm(total=total, unit="img", desc="embedding", disable=not self.progress or not self.ranks.main)
+        chunks = 0
+        for number, chunk in enumerate(_chunks(items, size)):
+            chunks = number + 1
+            if not self.ranks.owns(number):
+                continue
+            if number in done:
+                self._check_unchanged(number, chunk)
+                bar.update(len(chunk))
+            else:
+                self._embed_chunk(number, chunk, bar)
+        for number in sorted(n for n in done if n >= chunks and self.ranks.owns(n)):
+            self._check_unchanged(number, [])  # the source now ends before a chunk the stopped run finished
         bar.close()
-        return self._finish(number)
+        self.ranks.barrier()  # every rank's chunks are on disk
+        if not self.ranks.main:
+            return None
+        return self._finish(chunks)
 
     def _finish(self, chunks: int) -> dict:
-        loaded = []
+        """The final files from the chunks, one chunk in memory at a time; then the approximate indexes
+        from the vector files read a block at a time, and the manifest."""
+        dim = self.embedder.embed_dim
+        counts = np.zeros(2, dtype=np.int64)
         for n in range(chunks):
-            with np.load(self.parts / f"{n:06d}.npz") as part:
-                loaded.append({name: part[name] for name in part.files})
-        records = [r for p in loaded for r in json.loads(p["records"].tobytes())]
-        skipped = [s for p in loaded for s in json.loads(p["skipped"].tobytes())]
-        dim = self.encoder.embed_dim
-        offset, caption_rows = 0, []
-        for p in loaded:  # a chunk's caption rows count from its own first image
-            caption_rows.append(p["caption_rows"] + offset)
-            offset += len(p["images"])
-        images = np.concatenate([p["images"] for p in loaded]) if loaded else np.zeros((0, dim), np.float16)
-        captions = np.concatenate([p["captions"] for p in loaded]) if loaded else np.zeros((0, dim), np.float16)
-        caption_rows = np.concatenate(caption_rows) if loaded else np.zeros(0, np.int64)
-        if not records:
-            fail(f"no image of {self.settings.source!r} could be read ({len(skipped)} skipped: "
-                 f"{listing([s['key'] + ' (' + s['reason'] + ')' for s in skipped])}); nothing to index.")
-        write_atomic(self.out / "items.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                       for r in records).encode())
-        write_atomic(self.out / "skipped.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n"
-                                                         for s in skipped).encode())
-        _save_npy(self.out / "images.npy", images)
-        _save_npy(self.out / "captions.npy", captions)
-        _save_npy(self.out / "captions.rows.npy", caption_rows.astype(np.int64))
-        search = {"images": self._approximate("images", images, captions),
-                  "captions": self._approximate("captions", captions, images)}
+            with np.load(self._part(n)) as part:
+                counts += part["counts"]
+        items, captions = (int(c) for c in counts)
+        if not items:
+            self._nothing_readable(chunks)
+        image_file = NpyWriter(self.out / "images.npy", (items, dim), np.float16)
+        caption_file = NpyWriter(self.out / "captions.npy", (captions, dim), np.float16)
+        rows_file = NpyWriter(self.out / "captions.rows.npy", (captions,), np.int64)
+        metadata = ItemsWriter(self.out / "items.arrow")
+        skipped_tmp = self.out / "skipped.jsonl.tmp"
+        skipped = 0
+        with open(skipped_tmp, "w", encoding="utf-8") as skipped_file:
+            for n in range(chunks):
+                with np.load(self._part(n)) as part:
+                    offset = image_file.rows  # a chunk's caption rows count from its own first image
+                    image_file.write(part["images"])
+                    caption_file.write(part["captions"])
+                    rows_file.write(part["caption_rows"] + offset)
+                    metadata.write(json.loads(part["records"].tobytes()))
+                    for entry in json.loads(part["skipped"].tobytes()):
+                        skipped_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                        skipped += 1
+            skipped_file.flush()
+            os.fsync(skipped_file.fileno())
+        for done in (image_file, caption_file, rows_file, metadata):
+            done.close()
+        os.replace(skipped_tmp, self.out / "skipped.jsonl")
+        gc.collect()
+        images, caption_vectors = NpyRows(self.out / "images.npy"), NpyRows(self.out / "captions.npy")
+        search = {"images": self._approximate("images", images, caption_vectors),
+                  "captions": self._approximate("captions", caption_vectors, images)}
         manifest = {"format": FORMAT, "complete": True, "build": self.settings.as_dict(),
-                    "model": self.encoder.identity.as_dict(), "preprocess_cfg": self.encoder.preprocess_cfg,
-                    "embed_dim": dim, "counts": {"items": len(records), "captions": int(len(captions)),
-                                                 "skipped": len(skipped)}, "search": search}
+                    "model": self.embedder.identity.as_dict(), "preprocess_cfg": self.embedder.preprocess_cfg,
+                    "embed_dim": dim, "counts": {"items": items, "captions": captions, "skipped": skipped},
+                    "search": search}
         manifest = json.loads(json.dumps(manifest))  # as it reads back: tuples become lists
         _write_json(self.out / "manifest.json", manifest)
         shutil.rmtree(self.parts, ignore_errors=True)
         return manifest
+
+    def _nothing_readable(self, chunks: int) -> NoReturn:
+        """Stop naming what was skipped (every item was), one chunk's list at a time."""
+        named, count = [], 0
+        for n in range(chunks):
+            with np.load(self._part(n)) as part:
+                entries = json.loads(part["skipped"].tobytes())
+            count += len(entries)
+            named.extend(f"{s['key']} ({s['reason']})" for s in entries[:SKIPPED_SHOWN - len(named)])
+        shown = ", ".join(named) + (f" and {count - len(named)} more" if count > len(named) else "")
+        fail(f"no image of {self.settings.source!r} could be read ({count} skipped: {shown}); nothing to index.")
 
     def _approximate(self, modality: str, vectors: np.ndarray, other: np.ndarray) -> dict:
         """Exact search for a small gallery; else a faiss index, saved, with its measured recall, tuned on
@@ -245,22 +271,41 @@ class IndexWriter:
                                  "embeddings are saved, only this last step reruns")
 
         _log.info("building the approximate %s index over %d vectors", modality, len(vectors))
-        built = build_approximate(vectors, self.target_recall, other_queries=other)
+        try:
+            built = build_approximate(vectors, self.target_recall, other_queries=other,
+                                      max_bytes=self.max_index_memory)
+        except BudgetTooSmall as err:
+            fail(f"the approximate {modality} index: {err}; then run the same command again (the embeddings "
+                 f"are saved, only this last step reruns).")
         faiss.write_index(built.index, str(self.out / f"{modality}.faiss.tmp"))
         os.replace(self.out / f"{modality}.faiss.tmp", self.out / f"{modality}.faiss")
         _log.info("approximate %s index %s, nprobe %d: recall@10 %.3f against exact search on %d queries "
                   "(gallery images and captions; own row left out)", modality, built.kind, built.nprobe,
                   built.recall, built.queries)
-        return {"kind": built.kind, "nprobe": built.nprobe, "recall_at_10": built.recall,
-                "recall_queries": built.queries}
+        entry = {"kind": built.kind, "nprobe": built.nprobe, "recall_at_10": built.recall,
+                 "recall_queries": built.queries}
+        del built  # the next modality's index is built after this one is freed
+        gc.collect()
+        return entry
 
 
 class NoCaptions(LookupError):
     """A search against the captions of an index whose gallery had none."""
 
 
+class Results(list):
+    """``Index.search``'s results: a list of result dicts, with ``short_reason`` saying why fewer than the
+    k asked came back (None when all k did)."""
+
+    def __init__(self, results: Iterable[dict], short_reason: Optional[str] = None):
+        super().__init__(results)
+        self.short_reason = short_reason
+
+
 class Index:
-    """A finished index, read for searching: float32 vectors in memory, faiss indexes where built."""
+    """A finished index, read for searching through memory maps: the item metadata (``rows``), the
+    float16 vectors of exact search, and the faiss indexes where built (``IO_FLAG_MMAP``); what stays
+    in memory does not grow with the gallery beyond what faiss keeps (its centroids, list sizes)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -269,8 +314,9 @@ class Index:
             fail(f"{self.path} is not an index (no manifest.json); build one with conlip-retrieval index.")
         self.manifest = self._read("manifest.json", lambda p: json.loads(p.read_text()))
         if self.manifest.get("format") != FORMAT:
-            fail(f"{self.path} is an index of format {self.manifest.get('format')}; this conlip-plugin reads "
-                 f"format {FORMAT}. Rebuild it with conlip-retrieval index.")
+            fail(f"{self.path} is an index of format {self.manifest.get('format')} (an older conlip-plugin's, "
+                 f"whose metadata is read whole into memory); this conlip-plugin reads format {FORMAT}. Rebuild "
+                 f"it: {rebuild_command(self.manifest.get('build') or {})}")
         if not self.manifest.get("complete"):
             fail(f"{self.path} is unfinished (its index run was stopped); run the same conlip-retrieval index "
                  f"command again to finish it.")
@@ -284,32 +330,33 @@ class Index:
                     "recall_at_10": float(entry["recall_at_10"]), "recall_queries": int(entry["recall_queries"])}
         except (KeyError, TypeError, ValueError) as err:
             self._damaged(f"manifest.json has a missing or malformed field ({err!r})")
-        self.items = self._read("items.jsonl", lambda p: [json.loads(line) for line in p.read_text().splitlines()])
-        self.vector_rows: Dict[str, np.ndarray] = {"images": np.arange(len(self.items)),
-                                            "captions": self._read("captions.rows.npy", np.load)}
+        self.metadata = self._read("items.arrow", ItemsReader)
+        self.count = self.metadata.count
+        self._caption_rows = self._read("captions.rows.npy", lambda p: np.load(p, mmap_mode="r"))
+        sizes = {"images": self.count, "captions": len(self._caption_rows)}
         self.vectors: Dict[str, Optional[np.ndarray]] = {}
         self.approximate: Dict[str, Optional[ApproximateIndex]] = {}
         for modality in MODALITIES:
             settings = search[modality]
-            if settings["kind"] == "exact":  # float32 once, so each query is one matrix product
-                vectors = self._read(f"{modality}.npy", lambda p: np.load(p).astype(np.float32))
+            if settings["kind"] == "exact":  # read a block at a time by exact_search
+                vectors = self._read(f"{modality}.npy", lambda p: np.load(p, mmap_mode="r"))
                 self.vectors[modality], self.approximate[modality] = vectors, None
                 count, width = vectors.shape if vectors.ndim == 2 else (len(vectors), None)
             else:
                 faiss = require("faiss", f"searching {self.path} (its {modality} have a faiss index)")
-                ann = self._read(f"{modality}.faiss", lambda p: faiss.read_index(str(p)))
+                ann = self._read(f"{modality}.faiss", lambda p: faiss.read_index(str(p), faiss.IO_FLAG_MMAP))
                 self.vectors[modality] = None
                 self.approximate[modality] = ApproximateIndex(ann, settings["kind"], settings["nprobe"],
                                                               settings["recall_at_10"], settings["recall_queries"])
                 count, width = ann.ntotal, ann.d
-            if count != len(self.vector_rows[modality]) or width != dim:
-                listed = "items.jsonl" if modality == "images" else "captions.rows.npy"
+            if count != sizes[modality] or width != dim:
+                listed = "items.arrow" if modality == "images" else "captions.rows.npy"
                 self._damaged(f"{modality}.{'npy' if settings['kind'] == 'exact' else 'faiss'} holds {count} "
                               f"vectors of {width} dimensions, where {listed} and the manifest call for "
-                              f"{len(self.vector_rows[modality])} of {dim}")
-        rows = self.vector_rows["captions"]
-        if len(rows) and (rows.min() < 0 or rows.max() >= len(self.items)):
-            self._damaged(f"captions.rows.npy names rows outside the {len(self.items)} items")
+                              f"{sizes[modality]} of {dim}")
+        rows = self._caption_rows  # ascending by construction: its ends bound it
+        if len(rows) and (rows[0] < 0 or rows[-1] >= self.count):
+            self._damaged(f"captions.rows.npy names rows outside the {self.count} items")
 
     def _damaged(self, why: str) -> NoReturn:
         fail(f"the index {self.path} is damaged: {why}. Rebuild it with conlip-retrieval index (into a new "
@@ -323,35 +370,39 @@ class Index:
             first_line = next(iter(str(err).strip().splitlines()), "")
             self._damaged(f"{name} cannot be read ({type(err).__name__}: {first_line})")
 
-    def search(self, query: np.ndarray, against: str, k: int) -> List[dict]:
-        """The k best items for one unit query vector, against the images or the captions."""
+    def rows(self, ids: Sequence[int]) -> List[dict]:
+        """The metadata records of gallery rows ``ids``, in that order, read from items.arrow alone: the
+        ``RESULT_FIELDS`` a search result carries, plus a shard member's ``offset`` and ``size`` (a record
+        is what ``Item.from_record`` takes). IndexError for a row outside the gallery."""
+        return self.metadata.rows(ids)
+
+    def search(self, query: np.ndarray, against: str, k: int) -> Results:
+        """The k best items for one unit query vector, against the images or the captions.
+
+        k is honoured: the approximate index raises nprobe for a query whose probed lists hold fewer
+        than k vectors. Fewer come back only when the gallery holds fewer than k vectors of that kind;
+        the ``Results``' ``short_reason`` then says so (None otherwise), for a caller to pass on."""
         if against not in MODALITIES:
             raise ValueError(f"against must be one of {MODALITIES}, not {against!r}")
         if query.shape[-1] != self.manifest["embed_dim"]:
             raise ValueError(f"the query has {query.shape[-1]} dimensions; this index holds "
                              f"{self.manifest['embed_dim']} ({self.identity.describe()})")
-        rows = self.vector_rows[against]
-        if against == "captions" and not len(rows):
+        size = self.count if against == "images" else len(self._caption_rows)
+        if against == "captions" and not size:
             raise NoCaptions(f"this index has no captions ({self.manifest['build']['source']} gave none), so "
                              f"there is nothing to search against the captions; search against the images")
-        k = min(k, len(rows))
         ann = self.approximate[against]
         query = np.asarray(query, dtype=np.float32)[None, :]
-        scores, ids = ann.search(query, k) if ann else exact_search(self.vectors[against], query, k)
-        results = []
-        for score, position in zip(scores[0], ids[0]):
-            if position < 0:  # faiss pads with -1 when the probed lists hold fewer than k vectors
-                continue
-            row = int(rows[position])
-            shown = {name: value for name, value in self.items[row].items() if name in RESULT_FIELDS}
-            results.append({"rank": len(results) + 1, "score": float(score), "row": row, **shown})
-        return results
-
-    def rows(self, ids: Sequence[int]) -> List[dict]:
-        """The metadata (RESULT_FIELDS) of gallery rows ``ids``, in their order, as search results carry it;
-        an id outside the gallery raises IndexError naming it and the range."""
-        count = len(self.items)
-        outside = [row for row in ids if not 0 <= row < count]
-        if outside:
-            raise IndexError(f"no item {outside[0]}; this index holds items 0 to {count - 1}")
-        return [{name: value for name, value in self.items[row].items() if name in RESULT_FIELDS} for row in ids]
+        scores, ids = ann.search(query, min(k, size)) if ann else exact_search(self.vectors[against], query, k)
+        found = ids[0] >= 0
+        scores, positions = scores[0][found], ids[0][found]
+        rows = positions if against == "images" else np.asarray(self._caption_rows[positions])
+        records = self.rows(rows)
+        results = [{"rank": rank, "score": float(score), "row": int(row),
+                    **{name: value for name, value in record.items() if name in RESULT_FIELDS}}
+                   for rank, (score, row, record) in enumerate(zip(scores, rows, records), start=1)]
+        reason = None
+        if len(results) < k:
+            reason = (f"the index holds {size} {against[:-1]} vector(s), fewer than k={k}" if size < k else
+                      f"the approximate {against} index found {len(results)} of k={k} even probing every list")
+        return Results(results, reason)
