@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed as dist
 
 import cluster_faults
+import gloo_preemption_worker
 from conlip_plugin import preemption
 from conlip_plugin.checkpoint_files import atomic_save
 
@@ -66,24 +66,6 @@ def test_one_process_stops_before_the_first_step_after_the_signal():
         signal.signal(signal.SIGUSR1, previous)
 
 
-def _agree(rank: int, port: int, noticed_at: int, results) -> None:
-    """Rank ``rank`` of 2 (gloo): the step before which the watch stops; rank 1 alone gets the notice."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    watch = preemption.PreemptionWatch(torch.device("cpu"), [])
-    stopped = None
-    for step in range(10):
-        if rank == 1 and step == noticed_at:
-            watch.received = "SIGTERM"
-        try:
-            watch.before_step(None, (), {})
-        except preemption.Preempted:
-            stopped = step
-            break
-    results[rank] = (stopped, watch.settle() if stopped is None else None)
-    dist.destroy_process_group()
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -98,7 +80,7 @@ def test_ranks_agree_one_step_late_on_the_same_step(noticed_at):
     with ctx.Manager() as manager:
         results = manager.dict()
         port = _free_port()
-        procs = [ctx.Process(target=_agree, args=(r, port, noticed_at, results)) for r in (0, 1)]
+        procs = [ctx.Process(target=gloo_preemption_worker.agree, args=(r, port, noticed_at, results)) for r in (0, 1)]
         for p in procs:
             p.start()
         for p in procs:

@@ -93,7 +93,7 @@ def test_items_reader_returns_the_rows_asked_in_their_order(tmp_path):
     assert reader.rows([2, 0, 1]) == [{"key": "c", "shard": "/s.tar", "offset": 512, "size": 9},
                                       {"key": "a", "caption": "an a", "path": "/a.png"},
                                       {"key": "b", "path": "/b.png"}]
-    with pytest.raises(IndexError, match="not all within the 3 items"):
+    with pytest.raises(IndexError, match="no item 3; this index holds items 0 to 2"):
         reader.rows([3])
 
 

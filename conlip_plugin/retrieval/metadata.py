@@ -65,7 +65,8 @@ class ItemsReader:
         """The records of rows ``ids`` (in that order), None fields left out as ``Item.record`` does."""
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids) and (ids.min() < 0 or ids.max() >= self.count):
-            raise IndexError(f"rows {ids.tolist()} are not all within the {self.count} items")
+            outside = int(ids[(ids < 0) | (ids >= self.count)][0])
+            raise IndexError(f"no item {outside}; this index holds items 0 to {self.count - 1}")
         batches = np.searchsorted(self._starts, ids, side="right") - 1
         found: Dict[int, dict] = {}
         for batch in np.unique(batches):
