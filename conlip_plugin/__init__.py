@@ -9,12 +9,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "ConLIP": "conlip_plugin.model",
-    "ConLIPCfg": "conlip_plugin.config",
-    "ConLIPLoss": "conlip_plugin.loss",
-    "instance_contrastive_loss": "conlip_plugin.loss",
-    "activate": "conlip_plugin.activation",
-    "export_inference_model": "conlip_plugin.export",
+    "ConLIP": "conlip_plugin.method.model",
+    "ConLIPCfg": "conlip_plugin.method.config",
+    "ConLIPLoss": "conlip_plugin.method.loss",
+    "instance_contrastive_loss": "conlip_plugin.method.loss",
+    "activate": "conlip_plugin.integration.activation",
+    "export_inference_model": "conlip_plugin.integration.export",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -7,14 +7,14 @@ through an environment variable (``${CONLIP_BERT_DIR}``) or an installed package
 which ``BASE+conlip`` (ConLIP's pieces on any registered model) needs. What: wraps
 ``open_clip.factory.get_model_config`` and its ``open_clip.get_model_config`` alias (which
 ``create_model``, ``get_tokenizer`` and our loss
-factory call) so that ``BASE+SUFFIX`` names (``conlip_plugin.names.WRAP_SUFFIXES``) resolve to
+factory call) so that ``BASE+SUFFIX`` names (``conlip_plugin.integration.names.WRAP_SUFFIXES``) resolve to
 BASE's config plus a ``conlip_cfg`` section, and every config comes back with those placeholders
 resolved (a config without placeholders comes back as it was).
 For: open_clip_torch 3.3.x.
 """
 import functools
 
-from conlip_plugin.names import resolve_config_paths, wrapped_config
+from conlip_plugin.integration.names import resolve_config_paths, wrapped_config
 
 
 def apply() -> None:

@@ -5,7 +5,7 @@ losses, and ``open_clip_train.main`` binds ``from open_clip import create_loss``
 What: wraps ``open_clip.create_loss`` (and ``open_clip.factory.create_loss``): for a model
 whose config has ``conlip_cfg`` it checks the run's flags, then returns ``ConLIPLoss`` with a
 ``HealthMonitor`` on rank 0 (collapse warning and health lines in the run's log, see
-``conlip_plugin.monitor``), or, with ``instance_loss: recipe``, the loss open_clip itself builds
+``conlip_plugin.reliability.monitor``), or, with ``instance_loss: recipe``, the loss open_clip itself builds
 from the flags (``ClipLoss``, ``SigLipLoss``, ``DistillClipLoss``) inside ``RecipeWithTokenLosses``;
 any other model gets open_clip's own loss. For: open_clip_torch 3.3.x.
 """
@@ -13,8 +13,8 @@ import functools
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 if TYPE_CHECKING:
-    from conlip_plugin.config import ConLIPCfg
-    from conlip_plugin.monitor import HealthMonitor
+    from conlip_plugin.method.config import ConLIPCfg
+    from conlip_plugin.reliability.monitor import HealthMonitor
 
 _REFUSED = (
     ("accum_freq", lambda v: v is not None and v > 1,
@@ -38,7 +38,7 @@ def health_monitor_for(args, cfg: "ConLIPCfg") -> Optional["HealthMonitor"]:
 
     Collapse is judged after open_clip's ``--warmup`` steps, but never before ``MIN_WARMUP``.
     """
-    from conlip_plugin.monitor import MIN_WARMUP, HealthMonitor, negatives_per_query
+    from conlip_plugin.reliability.monitor import MIN_WARMUP, HealthMonitor, negatives_per_query
 
     if args.rank != 0:
         return None
@@ -50,9 +50,9 @@ def health_monitor_for(args, cfg: "ConLIPCfg") -> Optional["HealthMonitor"]:
 def conlip_loss_for(args, model_cfg: dict, recipe_loss: Callable[[Any], Any]):
     """Check ``args`` against ConLIP's needs, then build its loss; ``recipe_loss(args)`` is
     open_clip's own factory, whose loss a model with ``instance_loss: recipe`` keeps."""
-    from conlip_plugin.config import ConLIPCfg
-    from conlip_plugin.finite_steps import set_checkpoint_dir
-    from conlip_plugin.loss import ConLIPLoss, RecipeWithTokenLosses
+    from conlip_plugin.method.config import ConLIPCfg
+    from conlip_plugin.reliability.finite_steps import set_checkpoint_dir
+    from conlip_plugin.method.loss import ConLIPLoss, RecipeWithTokenLosses
 
     cfg = ConLIPCfg.from_dict(model_cfg["conlip_cfg"])
     set_checkpoint_dir(getattr(args, "checkpoint_path", None))

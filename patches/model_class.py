@@ -22,7 +22,7 @@ def _builder(base):
                 "hf_pooler_type 'cls_last_hidden_state_pooler'); this config builds open_clip's "
                 f"{base.__name__} with its own text transformer."
             )
-        from conlip_plugin.model import ConLIP
+        from conlip_plugin.method.model import ConLIP
 
         return ConLIP(*args, conlip_cfg=conlip_cfg, **kwargs)
 

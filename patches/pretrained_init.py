@@ -6,7 +6,7 @@ Why: open_clip 3.3 loads a model's ``pretrained`` file (``--pretrained``, clip_b
 checkpoint may seed a ConLIP model whose heads start fresh) from "continue this run" (where other
 settings are a mistake to refuse). What: wraps ``open_clip.factory.load_checkpoint``, which
 ``create_model`` calls for ``pretrained`` files only, in
-``conlip_plugin.checkpoint_loading.initialising_from_checkpoint``; loads elsewhere stay strict.
+``conlip_plugin.integration.checkpoint_loading.initialising_from_checkpoint``; loads elsewhere stay strict.
 Other models' loads are unchanged. For: open_clip_torch 3.3.x.
 """
 import functools
@@ -15,7 +15,7 @@ import functools
 def apply() -> None:
     import open_clip.factory as factory
 
-    from conlip_plugin.checkpoint_loading import initialising_from_checkpoint
+    from conlip_plugin.integration.checkpoint_loading import initialising_from_checkpoint
 
     original = factory.load_checkpoint
     if getattr(original, "_conlip_initialising", False):

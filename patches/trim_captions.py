@@ -2,7 +2,7 @@
 
 Why: open_clip's tokenizers pad every caption to the context length, and open_clip_train 3.3
 has no variable-length text; every text pass of a ConLIP step (complete and masked captions,
-the momentum tower, both heads) then pays for padding (``conlip_plugin.text_padding``).
+the momentum tower, both heads) then pays for padding (``conlip_plugin.method.text_padding``).
 What: wraps ``open_clip_train.data.get_data`` (which ``open_clip_train.main`` imports by name
 after this patch is applied; a ``main`` already imported gets it too) so that, for a model whose
 config has ``conlip_cfg``, the training DataLoader's collate function also cuts the texts of
@@ -29,8 +29,8 @@ def trimming_multiple(model_name: str) -> Optional[int]:
     """The multiple this model's training captions are cut to, or None (not ConLIP, off, or inexact)."""
     import open_clip.factory as factory
 
-    from conlip_plugin.config import ConLIPCfg
-    from conlip_plugin.text_padding import inexact_reason
+    from conlip_plugin.method.config import ConLIPCfg
+    from conlip_plugin.method.text_padding import inexact_reason
 
     model_cfg = factory.get_model_config(model_name)
     if not (isinstance(model_cfg, dict) and "conlip_cfg" in model_cfg):
@@ -45,8 +45,8 @@ def trimming_multiple(model_name: str) -> Optional[int]:
 def apply() -> None:
     import open_clip_train.data as data
 
-    from conlip_plugin.loaders import torch_data_loader
-    from conlip_plugin.text_padding import TrimCaptions
+    from conlip_plugin.integration.loaders import torch_data_loader
+    from conlip_plugin.method.text_padding import TrimCaptions
 
     original = data.get_data
     if getattr(original, _MARK, False):

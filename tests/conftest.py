@@ -11,7 +11,7 @@ import shapes_data
 
 @pytest.fixture(scope="session")
 def caption_data(tmp_path_factory) -> dict:
-    """30 image-caption pairs (tests/shapes_data.py) as a CSV with PNG files and as one shard."""
+    """30 image-caption pairs (tests/helpers/shapes_data.py) as a CSV with PNG files and as one shard."""
     return shapes_data.write(tmp_path_factory.mktemp("data"))
 
 

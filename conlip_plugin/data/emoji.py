@@ -63,9 +63,9 @@ from typing import Callable, Iterable, Mapping
 from PIL import Image
 from tqdm import tqdm
 
-from .files import fail, normalize_caption, stable_hash, write_atomic
-from .karpathy import eval_layout
-from .shards import report_shards, shard_names, train_shards
+from conlip_plugin.data.files import fail, normalize_caption, stable_hash, write_atomic
+from conlip_plugin.data.karpathy import eval_layout
+from conlip_plugin.data.shards import report_shards, shard_names, train_shards
 
 CACHE_ENV = "CONLIP_EMOJI_CACHE"
 DEFAULT_CACHE = "~/.cache/conlip-plugin/emoji"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .files import fail, listing, normalize_caption, require_files, write_atomic
+from conlip_plugin.data.files import fail, listing, normalize_caption, require_files, write_atomic
 
 FLICKR_HEADER = "image,caption"  # clip_benchmark's Flickr reader skips the first line unread
 FLICKR_SEPARATOR = ".jpg,"  # ...and splits every other line at this string, which must occur once

@@ -36,8 +36,8 @@ Usage:
 import argparse
 from pathlib import Path
 
-from .karpathy import EVAL_DATASETS, check, eval_layout
-from .shards import report_shards, subset, train_shards
+from conlip_plugin.data.karpathy import EVAL_DATASETS, check, eval_layout
+from conlip_plugin.data.shards import report_shards, subset, train_shards
 
 
 def build_parser() -> argparse.ArgumentParser:

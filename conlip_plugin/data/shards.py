@@ -20,8 +20,8 @@ from typing import Iterable, Iterator
 from open_clip_train.data import expand_urls
 from tqdm import tqdm
 
-from .files import fail, listing, require_files, stable_hash, write_atomic
-from .karpathy import entry_captions, image_source, load_karpathy
+from conlip_plugin.data.files import fail, listing, require_files, stable_hash, write_atomic
+from conlip_plugin.data.karpathy import entry_captions, image_source, load_karpathy
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")  # open_clip_train.data.filter_no_caption_or_no_image
 META_MEMBER = re.compile(r"__[^/]*__($|/)")  # members webdataset's tar reader skips

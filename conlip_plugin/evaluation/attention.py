@@ -45,7 +45,7 @@ def model_and_loader(model_name: str, checkpoint: str, csv: str, img_key: str = 
 
 
 def analyse(model_name: str, checkpoint: str, args: argparse.Namespace) -> Dict[str, dict]:
-    from ..analysis import instance_slot_attention
+    from conlip_plugin.evaluation.analysis import instance_slot_attention
 
     model, loader = model_and_loader(model_name, checkpoint, args.csv, args.csv_img_key, args.csv_caption_key,
                                      args.csv_separator, args.batch_size)
@@ -94,7 +94,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the masking")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    from ..activation import activate
+    from conlip_plugin.integration.activation import activate
 
     activate()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -32,9 +32,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..arguments import positive_int
-from ..data.karpathy import EVAL_DATASETS, read_flickr_annotation
-from .ranks import (DIRECTIONS, RECALL_K, bootstrap_interval, hits, query_images, rank_check, recall,
+from conlip_plugin.arguments import positive_int
+from conlip_plugin.data.karpathy import EVAL_DATASETS, read_flickr_annotation
+from conlip_plugin.evaluation.ranks import (DIRECTIONS, RECALL_K, bootstrap_interval, hits, query_images, rank_check, recall,
                     retrieval_ranks)
 
 # label -> model config suffix; the smoke run swaps in the tiny random towers (same code path, seconds).
@@ -266,7 +266,7 @@ def gallery(model_name: str, ckpt: Path, root: Path, report: Path, queries: int 
 def retrieval_index(model_name: str, ckpt: Path, root: Path, out: Path) -> Path:
     """The test images with their first captions, indexed by ``conlip-retrieval`` for search and serving;
     built after the report is written, so a failure here loses none of the results."""
-    from ..retrieval.cli import main as retrieval
+    from conlip_plugin.retrieval.cli import main as retrieval
 
     first_caption: Dict[str, str] = {}
     for name, caption in read_pairs(root):

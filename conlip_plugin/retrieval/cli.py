@@ -21,16 +21,16 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..arguments import fraction, non_negative_int, port_number, positive_float, positive_int, torch_device
-from ..data.files import fail
-from .encoder import MAX_ASPECT_RATIO, Encoder, ExtremeAspectRatio, ModelIdentity, UnreadableImage, loader_workers
-from .extras import require
-from .limits import ServingLimits
-from .nearest import EXACT_BELOW, RECALL_K, TARGET_RECALL
-from .distributed import from_environment
-from .sizing import DEFAULT_MAX_INDEX_MEMORY, format_bytes, memory_size
-from .sources import gallery_items
-from .store import MODALITIES, Index, IndexWriter, NoCaptions
+from conlip_plugin.arguments import fraction, non_negative_int, port_number, positive_float, positive_int, torch_device
+from conlip_plugin.data.files import fail
+from conlip_plugin.retrieval.encoder import MAX_ASPECT_RATIO, Encoder, ExtremeAspectRatio, ModelIdentity, UnreadableImage, loader_workers
+from conlip_plugin.retrieval.extras import require
+from conlip_plugin.retrieval.limits import ServingLimits
+from conlip_plugin.retrieval.nearest import EXACT_BELOW, RECALL_K, TARGET_RECALL
+from conlip_plugin.retrieval.distributed import from_environment
+from conlip_plugin.retrieval.sizing import DEFAULT_MAX_INDEX_MEMORY, format_bytes, memory_size
+from conlip_plugin.retrieval.sources import gallery_items
+from conlip_plugin.retrieval.store import MODALITIES, Index, IndexWriter, NoCaptions
 
 SKIPPED_PRINTED = 5
 
@@ -231,7 +231,7 @@ def run_search(args: argparse.Namespace) -> None:
 def run_serve(args: argparse.Namespace) -> None:
     for module in ("fastapi", "uvicorn", "python_multipart"):
         require(module, "conlip-retrieval serve")
-    from .server import serve
+    from conlip_plugin.retrieval.server import serve
 
     index = Index(args.index)
     encoder = query_encoder(index, args.model, args.pretrained, args.device)

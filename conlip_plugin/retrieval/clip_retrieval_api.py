@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from .queries import QueryEngine, megabytes, parse_json, read_body
+from conlip_plugin.retrieval.queries import QueryEngine, megabytes, parse_json, read_body
 
 MAX_NUM_IMAGES = 1000  # results with their metadata, as our own API's largest k
 MAX_RESULT_IDS = 10_000  # ids with their similarity only: clip-retrieval's front end asks for 3,000

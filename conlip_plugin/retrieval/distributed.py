@@ -35,7 +35,7 @@ def from_environment(device: Optional[str]) -> Tuple[Ranks, Optional[str]]:
     device as asked."""
     from open_clip_train.distributed import init_distributed_device_so, is_using_distributed
 
-    from .encoder import default_device
+    from conlip_plugin.retrieval.encoder import default_device
 
     if not is_using_distributed():
         return Ranks(), device

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .encoder import Encoder, ModelIdentity, UnreadableImage, decode_image
-from .sources import Item
+from conlip_plugin.retrieval.encoder import Encoder, ModelIdentity, UnreadableImage, decode_image
+from conlip_plugin.retrieval.sources import Item
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import List, Optional
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..activation import activate
+from conlip_plugin.integration.activation import activate
 
 HASH_BLOCK = 1 << 22
 # open_clip resizes an image's short side to the model's input, so a 1 x 20,000,000 strip would become

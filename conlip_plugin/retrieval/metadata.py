@@ -11,7 +11,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from .extras import require
+from conlip_plugin.retrieval.extras import require
 
 FIELDS = (("key", "string"), ("caption", "string"), ("path", "string"), ("shard", "string"),
           ("offset", "int64"), ("size", "int64"))

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .sizing import DEFAULT_MAX_INDEX_MEMORY, TRAIN_POINTS_PER_LIST, IndexPlan, choose
+from conlip_plugin.retrieval.sizing import DEFAULT_MAX_INDEX_MEMORY, TRAIN_POINTS_PER_LIST, IndexPlan, choose
 
 EXACT_BELOW = 100_000
 TARGET_RECALL = 0.95

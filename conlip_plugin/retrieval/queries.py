@@ -10,8 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from .encoder import MAX_ASPECT_RATIO, Encoder, ExtremeAspectRatio, ImageTooLarge, UnreadableImage, decode_image
-from .store import Index, NoCaptions
+from conlip_plugin.retrieval.encoder import MAX_ASPECT_RATIO, Encoder, ExtremeAspectRatio, ImageTooLarge, UnreadableImage, decode_image
+from conlip_plugin.retrieval.store import Index, NoCaptions
 
 DECODE_SLOTS = 2  # query images decoded at once: a 50-megapixel one takes about 150 MB as RGB
 # An embedding as JSON: a float takes at most about 25 characters; the slack covers the other fields.

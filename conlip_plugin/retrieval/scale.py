@@ -17,9 +17,9 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from .nearest import RECALL_K, exact_search, recall_at_k
-from .sizing import BudgetTooSmall, choose, format_bytes
-from .synthetic import SyntheticEmbedder, synthetic_items
+from conlip_plugin.retrieval.nearest import RECALL_K, exact_search, recall_at_k
+from conlip_plugin.retrieval.sizing import BudgetTooSmall, choose, format_bytes
+from conlip_plugin.retrieval.synthetic import SyntheticEmbedder, synthetic_items
 
 MB = 1e6
 
@@ -41,14 +41,14 @@ def _imported() -> int:
     import faiss  # noqa: F401  (imported where used; here, so that the baseline holds it)
     import pyarrow  # noqa: F401
 
-    from . import store  # noqa: F401
+    from conlip_plugin.retrieval import store  # noqa: F401
 
     return status_bytes("VmRSS")
 
 
 def _index_child(out: str, n: int, dim: int, centres: int, noise: float, seed: int, chunk_size: int,
                  max_index_memory: int) -> dict:
-    from .store import IndexWriter
+    from conlip_plugin.retrieval.store import IndexWriter
 
     base, start = _imported(), time.perf_counter()
     writer = IndexWriter(Path(out), SyntheticEmbedder(dim, centres, noise, seed), f"synthetic:{n}",
@@ -59,7 +59,7 @@ def _index_child(out: str, n: int, dim: int, centres: int, noise: float, seed: i
 
 
 def _serve_child(out: str, queries: np.ndarray, k: int) -> dict:
-    from .store import Index
+    from conlip_plugin.retrieval.store import Index
 
     base, start = _imported(), time.perf_counter()
     index = Index(Path(out))

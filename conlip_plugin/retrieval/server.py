@@ -32,14 +32,14 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from ..data.files import fail
-from .clip_retrieval_api import add_clip_retrieval_routes
-from .encoder import Encoder, ModelIdentity
-from .limits import ServingLimits, add_limits, header_deadline_protocol
-from .queries import BodyTooLarge, QueryEngine, bounded, megabytes, parse_json, read_body
-from .server_logs import server_logs
-from .sources import Item
-from .store import MODALITIES, Index
+from conlip_plugin.data.files import fail
+from conlip_plugin.retrieval.clip_retrieval_api import add_clip_retrieval_routes
+from conlip_plugin.retrieval.encoder import Encoder, ModelIdentity
+from conlip_plugin.retrieval.limits import ServingLimits, add_limits, header_deadline_protocol
+from conlip_plugin.retrieval.queries import BodyTooLarge, QueryEngine, bounded, megabytes, parse_json, read_body
+from conlip_plugin.retrieval.server_logs import server_logs
+from conlip_plugin.retrieval.sources import Item
+from conlip_plugin.retrieval.store import MODALITIES, Index
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_K = 1000

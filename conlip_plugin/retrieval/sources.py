@@ -14,9 +14,9 @@ from typing import Iterator, List, Optional
 
 import braceexpand
 
-from ..data.files import fail, normalize_caption
-from ..data.shards import tar_samples
-from ..sample_errors import IMAGE_EXTENSIONS
+from conlip_plugin.data.files import fail, normalize_caption
+from conlip_plugin.data.shards import tar_samples
+from conlip_plugin.reliability.skipped_samples import IMAGE_EXTENSIONS
 
 DEFAULT_CAPTION_KEY = "title"  # open_clip_train's --csv-caption-key default
 CSV_BLOCK_ROWS = 65536

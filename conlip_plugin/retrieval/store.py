@@ -29,16 +29,16 @@ from typing import Callable, Dict, Iterable, Iterator, List, NoReturn, Optional,
 
 import numpy as np
 
-from ..data.files import fail, write_atomic
-from .arrays import NpyRows, NpyWriter
-from .distributed import Ranks
-from .embedding import ChunkEmbedder, ImageEmbedder
-from .encoder import Encoder, ModelIdentity
-from .extras import require
-from .metadata import ItemsReader, ItemsWriter
-from .nearest import EXACT_BELOW, RECALL_K, TARGET_RECALL, ApproximateIndex, build_approximate, exact_search
-from .sizing import DEFAULT_MAX_INDEX_MEMORY, BudgetTooSmall
-from .sources import Item
+from conlip_plugin.data.files import fail, write_atomic
+from conlip_plugin.retrieval.arrays import NpyRows, NpyWriter
+from conlip_plugin.retrieval.distributed import Ranks
+from conlip_plugin.retrieval.embedding import ChunkEmbedder, ImageEmbedder
+from conlip_plugin.retrieval.encoder import Encoder, ModelIdentity
+from conlip_plugin.retrieval.extras import require
+from conlip_plugin.retrieval.metadata import ItemsReader, ItemsWriter
+from conlip_plugin.retrieval.nearest import EXACT_BELOW, RECALL_K, TARGET_RECALL, ApproximateIndex, build_approximate, exact_search
+from conlip_plugin.retrieval.sizing import DEFAULT_MAX_INDEX_MEMORY, BudgetTooSmall
+from conlip_plugin.retrieval.sources import Item
 
 FORMAT = 2  # 1: items.jsonl, read whole at load
 T = TypeVar("T")

@@ -7,9 +7,9 @@ from typing import Iterator, List, Tuple
 
 import numpy as np
 
-from .embedding import EmbeddedChunk
-from .encoder import ModelIdentity
-from .sources import Item
+from conlip_plugin.retrieval.embedding import EmbeddedChunk
+from conlip_plugin.retrieval.encoder import ModelIdentity
+from conlip_plugin.retrieval.sources import Item
 
 DRAW_BLOCK = 1 << 16
 

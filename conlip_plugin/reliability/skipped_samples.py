@@ -1,0 +1,387 @@
+"""Bad training samples: skip them, name each one, and count them per epoch.
+
+A web-scale run meets broken images, empty captions and damaged shards. Training must go on,
+but every skip must be visible: each skipped sample (or the part of a shard that could not be
+read) is named once in the run's log with its source, key and reason, and every epoch ends with
+the counts by reason. ``patches/skip_bad_samples.py`` wires this into open_clip_train.
+
+How counts leave the DataLoader workers: the main process of each rank creates a small
+append-only file (JSON lines, one per skip) before its workers start and names it in the
+environment variable ``CONLIP_SKIPPED_SAMPLES_FILE``, which every worker inherits whatever the
+start method (fork, spawn, forkserver). Workers append one line per skip with a single
+``O_APPEND`` write; the main process reads the new complete lines after every batch (logging the
+named samples as they come) and at the end of each epoch (the summary).
+"""
+import atexit
+import json
+import logging
+import math
+import os
+import re
+import tarfile
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
+
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+ENV = "CONLIP_SKIPPED_SAMPLES_FILE"
+
+# Reasons: a sample (webdataset sample or CSV row) ...
+MISSING_CAPTION = "missing caption"
+MISSING_IMAGE = "missing image"
+MISSING_BOTH = "missing image and caption"
+EMPTY_CAPTION = "empty caption"
+CAPTION_NOT_UTF8 = "caption not UTF-8"
+NOT_AN_IMAGE = "not an image"
+CORRUPT_IMAGE = "corrupt image"
+MISSING_FILE = "missing file"
+UNREADABLE_FILE = "unreadable file"
+# ... or a shard, of which nothing (unreadable) or only the part before the damage was read.
+UNREADABLE_SHARD = "unreadable shard"
+TRUNCATED_TAR = "truncated tar"
+CORRUPT_TAR = "corrupt tar"
+
+IMAGE_EXTENSIONS = ("jpg", "png", "jpeg", "webp")  # what open_clip_train renames to "image"
+MAX_CONSECUTIVE_BAD_ROWS = 32
+MAX_NAMED_PER_RANK = 1000  # per epoch, sent to rank 0 for out.log; the rest only in that rank's log
+_BLOCK = 512
+_OBJECT_REPR = re.compile(r"(?: @)?\s*<[^<>]* object at 0x[0-9a-fA-F]+>")
+
+
+@dataclass(frozen=True)
+class Skip:
+    """One skip: a sample (``shard=False``) or the unread rest of a shard (``key``: the last
+    sample read before the damage, None if none was)."""
+
+    source: str
+    key: Optional[str]
+    reason: str
+    detail: str = ""
+    shard: bool = False
+
+    @property
+    def ident(self) -> Tuple[str, Optional[str], str, bool]:
+        return self.source, self.key, self.reason, self.shard
+
+
+def describe(skip: Skip) -> str:
+    """The log line that names a skip."""
+    detail = f" ({skip.detail})" if skip.detail else ""
+    if not skip.shard:
+        return f"Skipped sample {skip.key!r} of {skip.source}: {skip.reason}{detail}"
+    if skip.key is None:
+        return f"Skipped shard {skip.source}: {skip.reason}{detail}"
+    return f"Skipped the rest of shard {skip.source} after sample {skip.key!r}: {skip.reason}{detail}"
+
+
+def detail(exn: BaseException) -> str:
+    """``Type: message``, without the ``<... object at 0x...>`` reprs that PIL and webdataset put
+    in messages (webdataset appends `` @ <stream>``)."""
+    message = _OBJECT_REPR.sub("", str(exn)).strip()
+    return f"{type(exn).__name__}: {message}" if message else type(exn).__name__
+
+
+def sample_problem(sample: dict) -> Optional[str]:
+    """Why a webdataset sample (undecoded, as grouped from the tar) cannot train, or None."""
+    has_caption = "txt" in sample
+    has_image = any(ext in sample for ext in IMAGE_EXTENSIONS)
+    if not has_caption and not has_image:
+        return MISSING_BOTH
+    if not has_caption:
+        return MISSING_CAPTION
+    if not has_image:
+        return MISSING_IMAGE
+    if not sample["txt"].decode("utf-8", errors="replace").strip():
+        return EMPTY_CAPTION
+    return None
+
+
+def decode_reason(exn: BaseException) -> str:
+    """The reason for an error while decoding a sample's fields or reading a CSV row's image."""
+    if isinstance(exn, UnicodeDecodeError):
+        return CAPTION_NOT_UTF8
+    if isinstance(exn, UnidentifiedImageError):
+        return NOT_AN_IMAGE
+    if isinstance(exn, FileNotFoundError):
+        return MISSING_FILE
+    if isinstance(exn, (PermissionError, IsADirectoryError)):
+        return UNREADABLE_FILE
+    return CORRUPT_IMAGE
+
+
+def tar_reason(exn: BaseException) -> str:
+    """The reason for an error while reading a shard's tar stream."""
+    if isinstance(exn, EOFError) or (isinstance(exn, tarfile.ReadError) and "unexpected end" in str(exn)):
+        return TRUNCATED_TAR
+    if isinstance(exn, tarfile.TarError):
+        return CORRUPT_TAR
+    return UNREADABLE_SHARD
+
+
+def shard_of(exn: BaseException) -> str:
+    """The shard that webdataset 0.2.86 names on a tar-stage error: ``url_opener`` and
+    ``tar_file_expander`` append the URL to ``args``, ``tar_file_iterator`` appends
+    `` @ <stream>`` to the message."""
+    if exn.args and isinstance(exn.args[-1], str) and (len(exn.args) > 1 or " @ " not in exn.args[-1]):
+        return exn.args[-1]
+    message = str(exn.args[0]) if exn.args else ""
+    return message.rpartition(" @ ")[2] if " @ " in message else "an unknown shard"
+
+
+def record(skip: Skip) -> None:
+    """Record a skip for this rank's main process; callable from any DataLoader worker.
+
+    Without a report (open_report was not called: not a training run), log it here instead."""
+    path = os.environ.get(ENV)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND) if path else None
+    except FileNotFoundError:  # removed from the temp folder: the main process recreates it
+        fd = None
+    if fd is None:
+        logging.warning(describe(skip))
+        return
+    try:
+        os.write(fd, (json.dumps(asdict(skip)) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def count(skips: Iterable[Skip]) -> Dict[str, Dict[str, int]]:
+    """Skips by kind (``samples``, ``shards``) and reason."""
+    counts: Dict[str, Counter] = {"samples": Counter(), "shards": Counter()}
+    for skip in skips:
+        counts["shards" if skip.shard else "samples"][skip.reason] += 1
+    return {kind: dict(sorted(by_reason.items())) for kind, by_reason in counts.items()}
+
+
+def _amount(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _listed(by_reason: Dict[str, int]) -> str:
+    return ", ".join(f"{reason}: {n}" for reason, n in sorted(by_reason.items()))
+
+
+def summary(epoch: int, per_rank: List[Dict[str, Dict[str, int]]]) -> Tuple[int, str]:
+    """(log level, line) summarising an epoch's skips over all ranks: INFO when there were none."""
+    total: Dict[str, Counter] = {"samples": Counter(), "shards": Counter()}
+    for counts in per_rank:
+        for kind in total:
+            total[kind].update(counts.get(kind, {}))
+    samples, shards = (sum(total[kind].values()) for kind in ("samples", "shards"))
+    if not samples and not shards:
+        return logging.INFO, f"Epoch {epoch}: skipped no samples"
+    line = f"Epoch {epoch}: skipped {_amount(samples, 'sample')}"
+    if samples:
+        line += f" ({_listed(total['samples'])})"
+    if shards:
+        line += f" and {_amount(shards, 'shard')} ({_listed(total['shards'])})"
+    if len(per_rank) > 1:
+        ranks = "; ".join(
+            f"rank {rank}: {sum(c.get('samples', {}).values())}/{sum(c.get('shards', {}).values())}"
+            for rank, c in enumerate(per_rank))
+        line += f" over {len(per_rank)} ranks (samples/shards {ranks})"
+    return logging.WARNING, line
+
+
+@dataclass
+class EpochSkips:
+    """What one rank's main process sends rank 0 at the end of an epoch."""
+
+    counts: Dict[str, Dict[str, int]]
+    named: List[Skip] = field(default_factory=list)
+    unlisted: int = 0
+
+
+class SkipReport:
+    """The main process's reader of the skips it and its DataLoader workers record.
+
+    A sample met twice in an epoch (the epoch wraps around the data, or shards are resampled)
+    counts once; each is named in the log the first time the run meets it."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.pid = os.getpid()
+        self._offset = 0
+        self._epoch: Dict[tuple, Skip] = {}
+        self._named: Set[tuple] = set()
+        self._fresh: List[Skip] = []
+
+    def drain(self) -> None:
+        """Read the complete lines recorded since the last call; log the new samples."""
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:  # a temp-folder cleaner removed it during a long run
+            open(self.path, "ab").close()
+            self._offset = 0
+            return
+        if size <= self._offset:
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        self._offset += end
+        for line in data[:end].splitlines():
+            skip = Skip(**json.loads(line))
+            self._epoch.setdefault(skip.ident, skip)
+            if skip.ident not in self._named:
+                self._named.add(skip.ident)
+                self._fresh.append(skip)
+                logging.warning(describe(skip))
+
+    def end_epoch(self) -> EpochSkips:
+        """The epoch's counts and newly named skips; the next epoch starts from zero."""
+        self.drain()
+        result = EpochSkips(count(self._epoch.values()), self._fresh[:MAX_NAMED_PER_RANK],
+                            max(0, len(self._fresh) - MAX_NAMED_PER_RANK))
+        self._epoch, self._fresh = {}, []
+        return result
+
+    def name_for(self, rank: int, skips: EpochSkips) -> None:
+        """Log another rank's newly named skips that this log has not named yet."""
+        for skip in skips.named:
+            if skip.ident not in self._named:
+                self._named.add(skip.ident)
+                logging.warning(f"rank {rank}: {describe(skip)}")
+        if skips.unlisted:
+            logging.warning(f"rank {rank}: {skips.unlisted} more skips are named only in rank {rank}'s own log")
+
+
+_report: Optional[SkipReport] = None
+
+
+def _remove(path: str, pid: int) -> None:
+    if os.getpid() == pid and os.path.exists(path):
+        os.remove(path)
+
+
+def open_report() -> SkipReport:
+    """This process's report, created (with the file its workers will append to) on first use.
+
+    Call it in the main process before DataLoader workers start: dataset construction does."""
+    global _report
+    if _report is None or _report.pid != os.getpid():
+        fd, path = tempfile.mkstemp(prefix="conlip-skipped-", suffix=".jsonl")
+        os.close(fd)
+        os.environ[ENV] = path
+        atexit.register(_remove, path, os.getpid())
+        _report = SkipReport(path)
+    return _report
+
+
+def current_report() -> Optional[SkipReport]:
+    """This process's report if it opened one (a training run with a CSV or webdataset)."""
+    return _report if _report is not None and _report.pid == os.getpid() else None
+
+
+class _TarEnd:
+    """A shard's byte stream that keeps its first and last 512 bytes.
+
+    tarfile's stream mode ends quietly when a tar is cut at a member boundary; a complete
+    uncompressed tar ends with a zero block, which tells the two apart."""
+
+    def __init__(self, raw):
+        self._raw = raw
+        self._head = b""
+        self._tail = b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        if len(self._head) < _BLOCK:
+            self._head = (self._head + data)[:_BLOCK]
+        self._tail = (self._tail + data[-_BLOCK:])[-_BLOCK:]
+        return data
+
+    def cut_short(self) -> bool:
+        """Whether an uncompressed tar stream ends without a zero block (read to its end first)."""
+        while self.read(1 << 16):
+            pass
+        return self._head[257:262] == b"ustar" and self._tail.strip(b"\0") != b""
+
+
+def _unreadable_shard(exn: Exception) -> bool:
+    record(Skip(shard_of(exn), None, UNREADABLE_SHARD, detail(exn), shard=True))
+    return True
+
+
+def tar_members(sources: Iterable[dict]) -> Iterator[dict]:
+    """Shards to tar members, as webdataset's ``url_opener`` + ``tar_file_expander``, except
+    that a shard that cannot be opened, or whose tar ends early or is damaged, is recorded once
+    with the last sample read before the damage, and the rest of that shard is skipped."""
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator, url_opener
+
+    for source in url_opener(sources, handler=_unreadable_shard):
+        url, last = source["url"], None
+        stream = _TarEnd(source["stream"])
+        try:
+            for member in tar_file_iterator(stream):
+                member["__url__"] = url
+                last = member["fname"]
+                yield member
+            cut_short = stream.cut_short()
+        except Exception as exn:
+            record(Skip(url, last and base_plus_ext(last)[0], tar_reason(exn), detail(exn), shard=True))
+            continue
+        if cut_short:
+            record(Skip(url, last and base_plus_ext(last)[0], TRUNCATED_TAR,
+                        "the file ends without the tar end-of-archive block", shard=True))
+
+
+class CsvDataset(Dataset):
+    """open_clip_train's CSV dataset (same arguments), except that a row whose image or caption
+    cannot be used is recorded and replaced by the next usable row, instead of ending the run.
+
+    A map-style dataset must return a sample for every index, hence the replacement. Many
+    consecutive bad rows are no longer bad samples but a wrong path or column: that raises."""
+
+    def __init__(self, input_filename, transforms, img_key, caption_key, sep="\t", tokenizer=None):
+        import pandas as pd
+
+        df = pd.read_csv(input_filename, sep=sep)
+        self.images = df[img_key].tolist()
+        self.captions = df[caption_key].tolist()
+        self.transforms = transforms
+        self.tokenize = tokenizer
+        self.source = str(input_filename)
+        open_report()
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, idx: int):
+        skips = []
+        for step in range(min(len(self), MAX_CONSECUTIVE_BAD_ROWS)):
+            loaded = self.load(idx + step)
+            if not isinstance(loaded, Skip):
+                return loaded
+            record(loaded)
+            skips.append(loaded)
+        raise RuntimeError(
+            f"{len(skips)} consecutive rows of {self.source} from row {idx} cannot be used, the first: "
+            f"{describe(skips[0])}. That is not a few bad samples: check that --csv-img-key and "
+            f"--csv-caption-key name the right columns and that the image paths exist as seen from "
+            f"{os.getcwd()}.")
+
+    def load(self, row: int) -> Union[tuple, Skip]:
+        """Row ``row`` (modulo the length) as (image, tokens), or the Skip that says why not."""
+        row %= len(self)
+        key, caption, path = f"row {row}", _text(self.captions[row]), str(self.images[row])
+        if not caption.strip():
+            return Skip(self.source, key, EMPTY_CAPTION, f"image {path}")
+        try:
+            with Image.open(path) as img:
+                image = self.transforms(img)
+        except Exception as exn:
+            return Skip(self.source, key, decode_reason(exn), f"file {path}: {detail(exn)}")
+        return image, self.tokenize([caption])[0]
+
+
+def _text(caption) -> str:
+    """A CSV caption as text: pandas reads an empty field as NaN (which open_clip trains as "nan")."""
+    if caption is None or (isinstance(caption, float) and math.isnan(caption)):
+        return ""
+    return str(caption)
