@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from conlip_plugin.retrieval import benchmark
+from conlip_plugin.benchmarks import retrieval as benchmark
 from tiny_configs import native_base
 
 pytestmark = pytest.mark.slow  # 10-12 s on 2 cores
