@@ -135,3 +135,14 @@ def test_the_path_check_sees_paths_and_expands_braces(tmp_path):
     assert _exists("conlip_plugin/{config,model}.py") and not _exists("conlip_plugin/{config,nowhere}.py")
     assert slug("The mechanism, measured (paper Table 2)") == "the-mechanism-measured-paper-table-2"
     assert slug("Dense retrieval (`conlip-retrieval`)") == "dense-retrieval-conlip-retrieval"
+
+
+def test_layout_lists_every_module_of_the_package():
+    """docs/layout.md is the map of the package: a module missing from it is one a newcomer cannot place."""
+    page = ROOT / "docs" / "layout.md"
+    text = _without_history(page, page.read_text()).split(HISTORY, 1)[0]
+    listed = {p for chunk in CODE_SPAN.findall(text) for token in chunk.split() for p in expand_braces(token)}
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "conlip_plugin").rglob("*.py")
+               if "__pycache__" not in p.parts and p.parent.name != "patches"}
+    modules -= {m for m in modules if m.endswith("/__init__.py") and m != "conlip_plugin/__init__.py"}
+    assert not modules - listed, f"docs/layout.md does not list: {sorted(modules - listed)}"
