@@ -1,13 +1,10 @@
 """How checkpoints load into a ConLIP model: ``load_state_dict`` pre-hooks the model registers.
 
-A full ConLIP checkpoint (open_clip_train's ``epoch_N.pt``) of the same settings loads as saved.
-Other kinds need help before the strict load open_clip does: plain open_clip weights (no momentum
-encoders, queues or heads), checkpoints saved at another image size (fine-tuning at 336 from
-224), and checkpoints of other ConLIP settings. Each checkpoint records the ``conlip_cfg`` and
-``embed_dim`` that made it (the model's extra state). Continuing a run (``--resume``, a plain
-``load_state_dict``) with other structural settings is refused, naming both; starting a run from
-a checkpoint (``--pretrained``, i.e. inside :func:`initialising_from_checkpoint`) loads what fits
-and starts the rest fresh, saying which.
+open_clip loads strictly, so plain open_clip weights, checkpoints of another image size (fine-tuning
+at 336 from 224) and checkpoints of other ConLIP settings need help first. Each checkpoint records
+the ``conlip_cfg`` and ``embed_dim`` that made it: continuing a run (``--resume``) under other
+structural settings is refused, naming both; starting one from it (``--pretrained``, inside
+:func:`initialising_from_checkpoint`) loads what fits and starts the rest fresh, saying which.
 """
 import logging
 import math

@@ -1,11 +1,9 @@
 """Export a ConLIP training checkpoint as a plain open_clip ``local-dir:`` folder.
 
-The folder holds ``open_clip_config.json`` (the model config without ``conlip_cfg``, and the
-preprocessing), ``open_clip_model.safetensors`` (the towers, ``logit_scale`` and SigLIP's ``logit_bias``: heads,
-momentum encoders and queues dropped) and the text tower's config and tokenizer files, so
-``open_clip.create_model_and_transforms('local-dir:FOLDER')`` loads it with no plugin installed.
-
-    python -m conlip_plugin.export --model conlip-vit-b16-bert --checkpoint RUN/checkpoints/epoch_30.pt --output DIR
+So that a trained model can be used without the plugin: the folder holds the config without
+``conlip_cfg`` (with its preprocessing), the towers' weights (heads, momentum encoders and queues
+dropped) and the text tower's config and tokenizer, and
+``open_clip.create_model_and_transforms('local-dir:FOLDER')`` loads it. Usage: docs/evaluation.md.
 """
 import argparse
 import copy

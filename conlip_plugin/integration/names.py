@@ -1,10 +1,10 @@
 """Model names and config paths as the plugin resolves them for open_clip.
 
-``BASE+conlip[-cl|-mlm|-mim|-vanilla]`` composes ConLIP's pieces onto any registered open_clip
-config, and ``BASE+conmlm``, ``+conmim``, ``+conmlm-conmim``, ``+mlm-mim`` add only the token losses
-to the recipe's own instance loss; ``${ENV}``, ``~`` and ``pkg://package/sub/path`` in a ConLIP config's path-valued keys
-become local paths (nothing is fetched from a hub). ``patches/config_paths.py`` puts both into
-``open_clip.factory.get_model_config``.
+``BASE+conlip[-cl|-mlm|-mim|-vanilla]`` and ``BASE+conmlm``, ``+conmim``, ``+conmlm-conmim``,
+``+mlm-mim`` put ConLIP's pieces onto any registered open_clip config without a JSON file to copy
+(docs/recipes.md); ``${ENV}``, ``~`` and ``pkg://package/sub/path`` in a ConLIP config's path-valued
+keys become local paths, so nothing is fetched from a hub. ``patches/config_paths.py`` puts both
+into ``open_clip.factory.get_model_config``.
 """
 import importlib.util
 import os

@@ -1,7 +1,7 @@
-"""``python -m conlip_plugin.train ARGS``: ``open_clip_train.main`` with the plugin activated.
+"""``conlip-train`` (``python -m conlip_plugin.train ARGS``): ``open_clip_train.main`` with the plugin activated.
 
-The same arguments as ``python -m open_clip_train.main``, for environments that run with
-``CONLIP_PLUGIN_DISABLE=1`` or without the start-up hook.
+For environments that run with ``CONLIP_PLUGIN_DISABLE=1`` or without the start-up hook; the
+arguments are those of ``python -m open_clip_train.main``.
 """
 import sys
 from typing import List, Optional

@@ -1,13 +1,11 @@
 """The ConLIP model: open_clip's ``CustomTextCLIP`` plus ConLIP's training-only pieces.
 
-In eval mode (and for ``encode_image`` / ``encode_text``) it *is* the plain open_clip model:
-the inherited code runs, with no masking, no state change and no collective. In train mode its
-forward runs the spec's passes (A)-(D), the momentum passes, and both heads, and returns what
-:class:`conlip_plugin.method.loss.ConLIPLoss` needs. The momentum encoders and queues change only in
-an optimizer step post-hook, so an AMP step that the scaler skips changes neither. With
-``instance_loss: recipe`` there are no momentum encoders or queues: the output is the base
-model's (features, learnable ``logit_scale``, SigLIP's ``logit_bias``) plus the heads' outputs,
-for :class:`conlip_plugin.method.loss.RecipeWithTokenLosses`.
+In eval mode it is the plain open_clip model (no masking, no state change, no collective), so every
+open_clip tool can use it. In train mode its forward runs the passes (A)-(D), the momentum passes
+and both heads for :class:`conlip_plugin.method.loss.ConLIPLoss`. The momentum encoders and queues
+change only in an optimizer post-step hook, so a step the AMP scaler skips changes neither. With
+``instance_loss: recipe`` there are none: the base model's outputs plus the heads', for
+:class:`conlip_plugin.method.loss.RecipeWithTokenLosses`.
 """
 import dataclasses
 import math

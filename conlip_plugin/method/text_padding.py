@@ -1,15 +1,11 @@
 """Captions cut to the batch's longest before a training step: the step pays for the caption, not
 the padding.
 
-open_clip's tokenizers pad every caption to the context length (50 in the paper configs), and
-every text pass of ConLIP (complete and masked captions, the momentum tower, the ConMLM queries,
-the ConMIM memory) runs over all of it. Columns that are padding in every row of a batch can go
-without changing any result, for the towers whose states at real tokens and whose instance
-embedding ignore trailing padding: Hugging Face encoders (attention mask from ``ids != pad``,
-CLS pooling) and open_clip's causal text transformer (each position sees only earlier ones) with
-``argmax``, ``first`` or ``eos`` pooling. Lengths are rounded up to a multiple (8) so that
-``torch.compile`` meets few shapes. The cut runs in the DataLoader's collate step, on the host
-(in the loader workers), so the step gains no device sync; ``patches/trim_captions.py`` installs it.
+Only for towers whose results ignore trailing padding (Hugging Face encoders with CLS pooling,
+open_clip's causal text transformer with ``argmax``, ``first`` or ``eos`` pooling). Lengths round up
+to a multiple so that ``torch.compile`` meets few shapes. The cut runs in the DataLoader's collate
+step, in the loader workers, so the step gains no device sync; ``patches/trim_captions.py``
+installs it. What it saves: docs/speed.md.
 """
 from typing import Any, Callable, Optional
 

@@ -1,10 +1,9 @@
 """Pretrained weights for the timm ViT image tower (``conlip_cfg.image_weights``).
 
-The paper starts from Google's ImageNet-21k ViT-B/16, which timm publishes as
-``vit_base_patch16_224.orig_in21k``. Releases of it carry pieces a token-pooled tower without a
-classifier lacks (the zeroed 21843-class head, and in the older ones the ``pre_logits``
-representation layer): those are dropped. Anything else that does not fit is refused before the
-tower is touched, so a wrong file can neither half-load nor be silently resampled to fit.
+Releases of the paper's ImageNet-21k ViT-B/16 (timm's ``vit_base_patch16_224.orig_in21k``) carry
+pieces this classifier-free tower lacks (the class head, the older ``pre_logits`` layer): those are
+dropped. Anything else that does not fit is refused before the tower is touched, so a wrong file
+can neither half-load nor be silently resampled to fit.
 """
 import copy
 import json

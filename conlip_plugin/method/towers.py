@@ -1,18 +1,11 @@
 """Token-level access to open_clip's towers: masked image tokens and text token states.
 
-ConLIP needs, from each tower, every token state (not only the pooled embedding), a learned mask
-token that replaces masked patch embeddings *before* position embeddings are added (SimMIM), and
-the tower's own instance embedding. One adapter per tower family, all with the same interface;
-each reuses the tower's own modules, so the instance embedding computed here is exactly what
-``encode_image`` / ``encode_text`` return (tests check this for every family).
-
-What "the instance embedding" and "the mask token" are, per family:
-- timm ViT (``vision_cfg.timm_model_name``, ``timm_pool: token``) and open_clip's ViT (``pool_type:
-  tok``): the CLS state after the final norm (then the tower's projection); a learned mask token.
-- Hugging Face encoders (BERT-like, CLS first): the CLS state; the tokenizer's [MASK] token.
-- open_clip's causal text transformer (CLIP BPE): the pooled end-of-text state (its own
-  ``pool_type``) before the projection; the BPE vocabulary has no mask token, so masked tokens get a
-  learned mask embedding in place of their token embedding (positions are kept).
+ConLIP needs every token state of a tower (not only the pooled embedding), a mask token that
+replaces masked patch embeddings before position embeddings are added (SimMIM), and the tower's
+own instance embedding. One adapter per tower family, all with one interface; each reuses the
+tower's own modules, so its instance embedding is exactly what ``encode_image`` / ``encode_text``
+return (tests check this for every family). What each family's instance embedding and mask token
+are: docs/recipes.md.
 """
 import inspect
 from typing import List, Optional, Tuple

@@ -1,16 +1,11 @@
 """A training step whose gradients are not finite is not applied: no optimizer update, no EMA, no enqueue.
 
-Why: without an AMP GradScaler (``amp_bf16``, ``fp32``) one NaN or inf in a loss term or a gradient
-is applied by the optimizer, the EMA carries it into both momentum encoders, the queues fill with
-NaN keys, and every later step is NaN.
-How, with no host sync on a healthy step: before each optimizer step a ConLIP model's pre-step hook
-asks, on the device, whether every gradient the optimizer holds is finite (one fused norm over all
-of them; a non-finite loss term makes its gradients so) and hands the answer to the optimizer as
-``found_inf``, the tensor with which torch's fused Adam / AdamW skip a step inside the kernel, as a
-GradScaler does (``patches/finite_steps.py`` builds open_clip_train's AdamW fused for ConLIP models;
-a GradScaler's own ``found_inf`` joins ours). The post-step hook weighs the EMA and the enqueue by
-the same flag. The host learns of a refused step one step late, from a non-blocking copy, logs it
-with the loss terms that were not finite, and stops the run after ``max_in_a_row`` in a row.
+Without an AMP GradScaler (``amp_bf16``, ``fp32``) one NaN or inf would be applied by the optimizer,
+carried by the EMA into both momentum encoders and into the queues, and every later step would be
+NaN. A pre-step hook judges on the device whether all gradients are finite and hands the flag to
+torch's fused Adam / AdamW as ``found_inf`` (:func:`fuse_adam` switches open_clip_train's AdamW to
+the fused kernels), so a healthy step gains no host sync. How refused steps are logged, and when
+the run stops: docs/reliability.md.
 """
 import glob
 import logging

@@ -1,56 +1,10 @@
 """Training health of a ConLIP run: a collapse warning and precision counters, read rarely.
 
-Why: a run can collapse (every embedding the same, the instance loss stuck at its collapse
-value, the model at chance) or lose steps to fp16 overflow, and neither shows in open_clip's log.
-How: :class:`HealthMonitor` is fed each training step by :class:`conlip_plugin.method.loss.ConLIPLoss`.
-Per step it only adds to small tensors on the loss's device, under ``no_grad`` and without a host
-sync; every ``check_every`` steps it reads them once (one sync), logs a health line and judges
-collapse. Real optimizer steps are counted by a global optimizer post-step hook, which an AMP step
-that the GradScaler skips never runs, so skipped = loss calls - real steps.
-
-Health line (INFO; WARNING when new skipped steps or non-finite terms appeared since the last line),
-cumulative since the monitor's first step except the interval means::
-
-    ConLIP health: step 1000 skipped 3 nonfinite dcl_loss=0 conmlm_loss=0 conmim_loss=0 max_loss 12.34
-    instance_loss 9.6886 collapse_at 9.6884 embed_cos image=0.9999 text=0.9998 samples/s 1234.5
-
-(one line in the log). ``step``: loss calls (training steps); ``skipped``: steps the optimizer did
-not take; ``nonfinite``: per loss term, the steps where it was NaN or inf; ``max_loss``: largest
-finite total loss (``-inf`` while there is none); ``instance_loss``, ``embed_cos`` (mean pairwise
-cosine of the batch's normalised online embeddings, 1 = all the same) and ``samples/s`` (global):
-means over the steps since the previous line. Parse it with :data:`HEALTH_LINE` or
-:func:`parse_health_line`. Lines come after a step whose count is a multiple of ``check_every``
-(or at the next step, if the optimizer skipped that one).
-
-Collapse rule. A step is *collapsed* when both towers' mean pairwise cosine is >= ``MIN_COS`` and
-the summed instance loss is within ``MARGIN`` of its collapse value (:func:`collapse_loss`). A read
-interval is collapsed when at least ``MIN_SHARE`` of its steps after warm-up are. The warning is
-logged once, when consecutive collapsed intervals cover ``window`` steps after warm-up and the
-loss of the newest is not more than ``FALL_TOLERANCE`` below that of the oldest in the window.
-Thresholds, from the emoji runs and from conlip-tiny(-cl) runs at lr 5e-4 on CPU:
-
-- ``MARGIN`` 0.15 nats (two directions summed). The collapsed emoji runs sat 0.01 above the value
-  (9.70 vs 2 ln 127 = 9.69); a collapsed tiny model (identical inputs, K = G = 64) wanders
-  +-0.12 around it from dropout and key drift. Spread embeddings at chance sit above it by about
-  half the logit variance per direction (logits are cos / tau), a model that learned anything
-  below it by its positive-negative gap: 0.15 nats is a cosine gap of under 0.004 at tau = 0.05.
-- ``MIN_COS`` 0.8, in both towers: collapse means every embedding the same, up to dropout noise,
-  which alone leaves a collapsed text tower at 0.90-0.96. Embeddings spread wider cannot sit at the
-  value without a gap that offsets their spread, and that passes as the model learns.
-- ``MIN_SHARE`` 0.9: a stray step does not break a streak.
-- ``FALL_TOLERANCE`` 0.05 nats from the oldest to the newest interval of the window: a collapsed
-  loss only wobbles (+-0.04 between intervals), while a random-init plateau near the value drifts
-  down (conlip-tiny: ~0.3 nats per 60 steps) before it leaves.
-- warm-up: open_clip's ``--warmup`` steps, at least ``MIN_WARMUP`` = 100 (applied where the monitor
-  is built for a run): the learning rate is still ramping, the queues still hold their random
-  start, and a random-init model's loss can sit near the value (conlip-tiny: ~100 steps).
-- ``window`` 100 steps: two reads at ``check_every`` 50, the default; one host sync per 50 steps.
-
-Not caught: a collapsed model whose queue holds keys several steps old can sit far *below* the value,
-because its stale negatives score lower than the current keys (conlip-tiny-cl on identical inputs,
-batch 8, K = 64: 0.4-2 nats below). Neither the loss, nor the spread, nor the in-batch gap between
-positives and negatives tells that apart from a fresh model that has not learned yet: a random-init
-conlip-tiny on the shapes pairs looks the same for its first 150 steps.
+A run can collapse (every embedding the same, the instance loss stuck at its collapse value) or
+lose steps to fp16 overflow, and neither shows in open_clip's log. :class:`HealthMonitor` only adds
+to small tensors on the device each step and reads them once every ``check_every`` steps, so a
+step gains no host sync. The health line (:func:`parse_health_line`), the collapse rule and the
+runs its thresholds come from: docs/reliability.md, "Training health".
 """
 import logging
 import math

@@ -1,14 +1,11 @@
 """A pre-emption notice (SIGTERM, SIGUSR1) ends a training run with a checkpoint to resume from.
 
-Why: SLURM (``--signal``) and cloud schedulers send a signal some seconds before they kill a job;
-open_clip_train dies of it, and everything since the last epoch's checkpoint is lost.
-How: the signal handler only records the signal. Before each optimizer step the ranks agree whether
-any of them has one: a one-integer all-reduce on the default process group, issued at one step and
-read at the next (on a GPU through a non-blocking copy), so a healthy step never waits for the
-device's current work. All ranks then stop before the same step, rank 0
-writes open_clip_train's own checkpoint of the state after the last applied step (``"epoch"`` is the
-epoch in progress, so ``--resume latest`` starts it again from its first batch with these weights),
-and every rank exits with ``PREEMPTED_EXIT``, for the scheduler to requeue.
+SLURM (``--signal``) and cloud schedulers send a signal some seconds before they kill a job;
+open_clip_train dies of it, and everything since the last epoch's checkpoint is lost. The handler
+only records the signal; the ranks agree on it before a later step (one all-reduced integer, read a
+step late, so a healthy step waits for no device work), rank 0 writes open_clip_train's own
+checkpoint of the last applied step, and every rank exits with ``PREEMPTED_EXIT`` for the
+scheduler to requeue. What a resume from it means: docs/reliability.md.
 """
 import logging
 import os

@@ -1,16 +1,10 @@
 """Bad training samples: skip them, name each one, and count them per epoch.
 
-A web-scale run meets broken images, empty captions and damaged shards. Training must go on,
-but every skip must be visible: each skipped sample (or the part of a shard that could not be
-read) is named once in the run's log with its source, key and reason, and every epoch ends with
-the counts by reason. ``patches/skip_bad_samples.py`` wires this into open_clip_train.
-
-How counts leave the DataLoader workers: the main process of each rank creates a small
-append-only file (JSON lines, one per skip) before its workers start and names it in the
-environment variable ``CONLIP_SKIPPED_SAMPLES_FILE``, which every worker inherits whatever the
-start method (fork, spawn, forkserver). Workers append one line per skip with a single
-``O_APPEND`` write; the main process reads the new complete lines after every batch (logging the
-named samples as they come) and at the end of each epoch (the summary).
+A web-scale run meets broken images, empty captions and damaged shards: training must go on, but
+every skip must be visible. DataLoader workers report each skip as one JSON line appended to a file
+named in ``CONLIP_SKIPPED_SAMPLES_FILE`` (inherited under any start method); each rank's main
+process reads the new lines after every batch and sums them at the epoch's end.
+``patches/skip_bad_samples.py`` wires this into open_clip_train; docs/reliability.md has the rest.
 """
 import atexit
 import json
