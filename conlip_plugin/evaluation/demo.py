@@ -19,6 +19,8 @@ This is the ``conlip-demo`` command; ``python -m conlip_plugin.evaluation.demo``
 import argparse
 import contextlib
 import json
+import multiprocessing
+import os
 import re
 import shutil
 import subprocess
@@ -83,30 +85,75 @@ def random_start(model: str, seed: int, out: Path) -> Path:
     return path
 
 
-def train(model: str, seed: int, data: Path, out: Path, args: argparse.Namespace, gpu: bool) -> Path:
-    """One model trained by the unmodified open_clip_train.main; a finished run's checkpoint is reused."""
+def trainers() -> multiprocessing.context.BaseContext:
+    """Where the five trainings run: processes forked from one server that imported open_clip_train
+    once (the imports take longer than a smoke training), each with a fresh, untouched state."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["open_clip_train.main"])
+    return ctx
+
+
+def run_training(argv: List[str], log: str) -> None:
+    """A trainer process: ``python -m open_clip_train.main ARGV`` (as ``conlip_plugin.train`` runs it),
+    its output appended to ``log``; its own children (the data loader's workers) start as a fresh
+    interpreter's would, not from the server."""
+    multiprocessing.set_start_method(None, force=True)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    from open_clip_train.main import main as train_main
+
+    train_main(argv)
+
+
+def train_in(ctx: multiprocessing.context.BaseContext, argv: List[str], log: Path, show) -> None:
+    """Run one training in a ``ctx`` process, keeping its whole output in ``log`` and echoing the lines
+    ``show`` picks while it runs."""
+    log.write_text("")
+    proc = ctx.Process(target=run_training, args=(argv, str(log)))
+    proc.start()
+    with open(log, errors="replace") as f:
+        pending = ""
+        while True:
+            ended = not proc.is_alive()
+            *lines, pending = (pending + f.read()).split("\n")
+            for line in lines + ([pending] if ended else []):
+                if show(line):
+                    print("    " + line.strip()[-150:], flush=True)
+            if ended:
+                break
+            time.sleep(0.2)
+    proc.join()
+    if proc.exitcode != 0:
+        sys.exit(f"failed ({proc.exitcode}): open_clip_train.main {' '.join(argv)}\nsee {log}")
+
+
+def train(model: str, seed: int, data: Path, out: Path, args: argparse.Namespace, gpu: bool,
+          ctx: multiprocessing.context.BaseContext) -> Path:
+    """One model trained by the unmodified open_clip_train.main in a ``ctx`` process; a finished run's
+    checkpoint is reused."""
     name = f"{model}-s{seed}"
     ckpt = out / "runs" / name / "checkpoints" / f"epoch_{args.epochs}.pt"
     if ckpt.exists():
         say(f"{name}: checkpoint exists, skipping training")
         return ckpt
-    cmd = [sys.executable, "-m", "open_clip_train.main", "--model", model,
-           "--train-data", str(data / "train" / "train.csv"), "--dataset-type", "csv",
-           "--csv-img-key", "filepath", "--csv-caption-key", "title",
-           "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--lr", str(args.lr), "--wd", "0.01",
-           "--warmup", "10", "--lr-scheduler", "const-cooldown", "--epochs-cooldown", str(args.epochs),
-           "--lr-cooldown-power", "1.0", "--workers", "2", "--seed", str(seed), "--log-every-n-steps", "10",
-           "--precision", "amp" if gpu else "fp32", "--device", "cuda" if gpu else "cpu",
-           "--logs", str(out / "runs"), "--name", name, "--resume", "latest"]
+    argv = ["--model", model, "--train-data", str(data / "train" / "train.csv"), "--dataset-type", "csv",
+            "--csv-img-key", "filepath", "--csv-caption-key", "title",
+            "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--lr", str(args.lr), "--wd", "0.01",
+            "--warmup", "10", "--lr-scheduler", "const-cooldown", "--epochs-cooldown", str(args.epochs),
+            "--lr-cooldown-power", "1.0", "--workers", "2", "--seed", str(seed), "--log-every-n-steps", "10",
+            "--precision", "amp" if gpu else "fp32", "--device", "cuda" if gpu else "cpu",
+            "--logs", str(out / "runs"), "--name", name, "--resume", "latest"]
     if args.smoke and "-clip" in model:
-        cmd += ["--pretrained", str(random_start(model, seed, out))]
+        argv += ["--pretrained", str(random_start(model, seed, out))]
     if not args.smoke:
         # The pretrained MiniLM stays fixed (LiT-style; its projection and layer norms train): on
         # two CPU cores the budget goes to the image tower and ConLIP's heads. ConMLM still acts on
         # the image tower through the image CLS slot of its memory, which is the paper's mechanism.
-        cmd += ["--lock-text"]
+        argv += ["--lock-text"]
     say(f"training {name}")
-    stream(cmd, out / "runs" / f"{name}.stdout", show=lambda line: "Train Epoch" in line)
+    train_in(ctx, argv, out / "runs" / f"{name}.stdout", show=lambda line: "Train Epoch" in line)
     return ckpt
 
 
@@ -216,8 +263,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     results = {split: {label: [] for label, _ in VARIANTS} for split, _ in SPLITS}
     ranks = {split: {label: [] for label, _ in VARIANTS} for split, _ in SPLITS}
     curves, checkpoints = {}, {}
+    ctx = trainers()
     for seed in range(args.seeds):
-        models = {family + suffix: train(family + suffix, seed, data, out, args, gpu) for _, suffix in VARIANTS}
+        models = {family + suffix: train(family + suffix, seed, data, out, args, gpu, ctx) for _, suffix in VARIANTS}
         for (label, _), (model, ckpt) in zip(VARIANTS, models.items()):
             checkpoints[(label, seed)] = ckpt
             if seed == 0:
