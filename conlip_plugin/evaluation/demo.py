@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -42,24 +43,15 @@ from conlip_plugin.retrieval.encoder import Encoder, decode_image
 VARIANTS = (("CLIP", "-clip"), ("CLIP+ConMLM+ConMIM", "-clip+conmlm-conmim"), ("CL", "-cl"),
             ("Vanilla", "-vanilla"), ("ConLIP", ""))
 SPLITS = (("cross-style", "test-cross-style"), ("unseen", "test-unseen"))
+# What the entry modules import (not the entry modules themselves, which run as __main__ each time).
+PRELOADED = ["open_clip_train.data", "open_clip_train.params", "open_clip_train.train", "clip_benchmark.datasets.builder",
+             "clip_benchmark.metrics.zeroshot_retrieval", "clip_benchmark.models"]
 EMBED_BATCH = 256  # images or captions per forward pass of the per-query ranks and the gallery
 
 
 def say(msg: str) -> None:
     """A time-stamped progress line, flushed at once: the job runs for many minutes."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def stream(cmd: List[str], log: Path, show=lambda line: False) -> None:
-    """Run ``cmd``, keeping its whole output in ``log`` and echoing the lines ``show`` picks."""
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            f.write(line)
-            if show(line):
-                print("    " + line.strip()[-150:], flush=True)
-        if proc.wait() != 0:
-            sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\nsee {log}")
 
 
 def loss_curves(log: str) -> Dict[str, List[float]]:
@@ -85,33 +77,33 @@ def random_start(model: str, seed: int, out: Path) -> Path:
     return path
 
 
-def trainers() -> multiprocessing.context.BaseContext:
-    """Where the five trainings run: processes forked from one server that imported open_clip_train
-    once (the imports take longer than a smoke training), each with a fresh, untouched state."""
+def workers() -> multiprocessing.context.BaseContext:
+    """Where the trainings and clip_benchmark run: processes forked from one server that imported
+    open_clip_train and clip_benchmark once (the imports take longer than a smoke training), each
+    starting from that server's untouched state."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["open_clip_train.main"])
+    ctx.set_forkserver_preload(PRELOADED)
     return ctx
 
 
-def run_training(argv: List[str], log: str) -> None:
-    """A trainer process: ``python -m open_clip_train.main ARGV`` (as ``conlip_plugin.train`` runs it),
-    its output appended to ``log``; its own children (the data loader's workers) start as a fresh
-    interpreter's would, not from the server."""
+def module_main(module: str, argv: List[str], log: str) -> None:
+    """A worker's body: ``python -m MODULE ARGV``, its output appended to ``log``; its own children
+    (data loader workers) start as a fresh interpreter's would, not from the server."""
     multiprocessing.set_start_method(None, force=True)
     fd = os.open(log, os.O_WRONLY | os.O_APPEND)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    from open_clip_train.main import main as train_main
+    sys.argv = [module, *argv]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
 
-    train_main(argv)
 
-
-def train_in(ctx: multiprocessing.context.BaseContext, argv: List[str], log: Path, show) -> None:
-    """Run one training in a ``ctx`` process, keeping its whole output in ``log`` and echoing the lines
-    ``show`` picks while it runs."""
+def run_module(ctx: multiprocessing.context.BaseContext, module: str, argv: List[str], log: Path,
+               show=lambda line: False) -> None:
+    """``python -m MODULE ARGV`` in a ``ctx`` process, keeping its whole output in ``log`` and echoing
+    the lines ``show`` picks while it runs; a failure ends the demo naming the log."""
     log.write_text("")
-    proc = ctx.Process(target=run_training, args=(argv, str(log)))
+    proc = ctx.Process(target=module_main, args=(module, argv, str(log)))
     proc.start()
     with open(log, errors="replace") as f:
         pending = ""
@@ -126,7 +118,7 @@ def train_in(ctx: multiprocessing.context.BaseContext, argv: List[str], log: Pat
             time.sleep(0.2)
     proc.join()
     if proc.exitcode != 0:
-        sys.exit(f"failed ({proc.exitcode}): open_clip_train.main {' '.join(argv)}\nsee {log}")
+        sys.exit(f"failed ({proc.exitcode}): python -m {module} {' '.join(argv)}\nsee {log}")
 
 
 def train(model: str, seed: int, data: Path, out: Path, args: argparse.Namespace, gpu: bool,
@@ -153,22 +145,22 @@ def train(model: str, seed: int, data: Path, out: Path, args: argparse.Namespace
         # the image tower through the image CLS slot of its memory, which is the paper's mechanism.
         argv += ["--lock-text"]
     say(f"training {name}")
-    train_in(ctx, argv, out / "runs" / f"{name}.stdout", show=lambda line: "Train Epoch" in line)
+    run_module(ctx, "open_clip_train.main", argv, out / "runs" / f"{name}.stdout", show=lambda line: "Train Epoch" in line)
     return ckpt
 
 
-def evaluate(models: Dict[str, Path], root: Path, out: Path, seed: int, split: str, gpu: bool) -> Dict[str, dict]:
+def evaluate(models: Dict[str, Path], root: Path, out: Path, seed: int, split: str, gpu: bool,
+             ctx: multiprocessing.context.BaseContext) -> Dict[str, dict]:
     """clip_benchmark's retrieval metrics on one split of each ``models`` config name -> checkpoint, in
-    one clip_benchmark run (one interpreter start for all of them); an earlier result is reused."""
+    one clip_benchmark run in a ``ctx`` process; an earlier result is reused."""
     output = out / "runs" / f"{{model}}-s{seed}-{split}.json"  # clip_benchmark fills in {model}
-    cmd = [sys.executable, "-m", "clip_benchmark.cli", "eval",
-           "--pretrained_model", *(f"{model},{ckpt}" for model, ckpt in models.items()),
-           "--dataset", "flickr30k", "--dataset_root", str(root), "--task", "zeroshot_retrieval",
-           "--recall_k", "1", "5", "10", "--batch_size", "128", "--num_workers", "2", "--skip_existing",
-           "--output", str(output)]
+    argv = ["eval", "--pretrained_model", *(f"{model},{ckpt}" for model, ckpt in models.items()),
+            "--dataset", "flickr30k", "--dataset_root", str(root), "--task", "zeroshot_retrieval",
+            "--recall_k", "1", "5", "10", "--batch_size", "128", "--num_workers", "2", "--skip_existing",
+            "--output", str(output)]
     if not gpu:
-        cmd.append("--no_amp")
-    stream(cmd, out / "runs" / f"eval-s{seed}-{split}.log")
+        argv.append("--no_amp")
+    run_module(ctx, "clip_benchmark.cli", argv, out / "runs" / f"eval-s{seed}-{split}.log")
     return {model: json.loads(Path(str(output).format(model=model)).read_text())["metrics"] for model in models}
 
 
@@ -263,7 +255,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     results = {split: {label: [] for label, _ in VARIANTS} for split, _ in SPLITS}
     ranks = {split: {label: [] for label, _ in VARIANTS} for split, _ in SPLITS}
     curves, checkpoints = {}, {}
-    ctx = trainers()
+    ctx = workers()
     for seed in range(args.seeds):
         models = {family + suffix: train(family + suffix, seed, data, out, args, gpu, ctx) for _, suffix in VARIANTS}
         for (label, _), (model, ckpt) in zip(VARIANTS, models.items()):
@@ -272,7 +264,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 curves[label] = loss_curves((out / "runs" / f"{model}-s{seed}" / "out.log").read_text())
         for split, folder in SPLITS:
             say(f"evaluating seed {seed} on {split}")
-            metrics = evaluate(models, data / folder, out, seed, split, gpu)
+            metrics = evaluate(models, data / folder, out, seed, split, gpu, ctx)
             for (label, _), model in zip(VARIANTS, models):
                 results[split][label].append(metrics[model])
         for (label, _), (model, ckpt) in zip(VARIANTS, models.items()):
