@@ -9,7 +9,9 @@ the arms differ only in their losses) through the unmodified
 ``open_clip_train.main``, evaluates each with the stock ``clip_benchmark`` on the cross-style and
 unseen-emoji splits, measures the heads' attention to the instance slot (paper Table 2) and
 writes a report folder: results table, loss curves, Table 2 plot, and a retrieval gallery (drawn by
-``conlip_plugin.evaluation.demo_report``; this module runs the pipeline).
+``conlip_plugin.evaluation.demo_report``; this module runs the pipeline). The trainings and
+clip_benchmark run as ``python -m`` commands, each in a process forked from one server that imported
+their libraries once (``workers``).
 
     conlip-demo [--out runs/demo] [--seeds N] [--epochs 1] [--smoke]
 
