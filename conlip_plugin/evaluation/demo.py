@@ -8,7 +8,10 @@ pretrained all-MiniLM-L6-v2 text tower; the same towers, data, flags, budget and
 the arms differ only in their losses) through the unmodified
 ``open_clip_train.main``, evaluates each with the stock ``clip_benchmark`` on the cross-style and
 unseen-emoji splits, measures the heads' attention to the instance slot (paper Table 2) and
-writes a report folder: results table, loss curves, Table 2 plot, and a retrieval gallery.
+writes a report folder: results table, loss curves, Table 2 plot, and a retrieval gallery (drawn by
+``conlip_plugin.evaluation.demo_report``; this module runs the pipeline). The trainings and
+clip_benchmark run as ``python -m`` commands, each in a process forked from one server that imported
+their libraries once (``workers``).
 
     conlip-demo [--out runs/demo] [--seeds N] [--epochs 1] [--smoke]
 
@@ -16,52 +19,41 @@ This is the ``conlip-demo`` command; ``python -m conlip_plugin.evaluation.demo``
 ``python scripts/demo.py`` (``bash scripts/run-demo``) in a checkout run the same.
 """
 import argparse
-import base64
-import html
+import contextlib
 import json
-import math
+import multiprocessing
+import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
-from statistics import mean, stdev
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from conlip_plugin.arguments import positive_int
 from conlip_plugin.data.karpathy import EVAL_DATASETS, read_flickr_annotation
-from conlip_plugin.evaluation.ranks import (DIRECTIONS, RECALL_K, bootstrap_interval, hits, query_images, rank_check, recall,
-                    retrieval_ranks)
+from conlip_plugin.evaluation import demo_report
+from conlip_plugin.evaluation.attention import main as attention
+from conlip_plugin.evaluation.ranks import rank_check, retrieval_ranks
+from conlip_plugin.retrieval.encoder import Encoder, decode_image
 
 # label -> model config suffix; the smoke run swaps in the tiny random towers (same code path, seconds).
 VARIANTS = (("CLIP", "-clip"), ("CLIP+ConMLM+ConMIM", "-clip+conmlm-conmim"), ("CL", "-cl"),
             ("Vanilla", "-vanilla"), ("ConLIP", ""))
-# (arm, baseline) pairs whose differences the report tests against the noise.
-COMPARISONS = (("ConLIP", "Vanilla"), ("ConLIP", "CL"), ("ConLIP", "CLIP"), ("CLIP+ConMLM+ConMIM", "CLIP"))
 SPLITS = (("cross-style", "test-cross-style"), ("unseen", "test-unseen"))
-METRICS = [(f"{d}_retrieval_recall@{k}", f"{'T2I' if d == 'image' else 'I2T'} R@{k}")
-           for d in DIRECTIONS for k in RECALL_K]
+# What the entry modules import (not the entry modules themselves, which run as __main__ each time).
+PRELOADED = ["open_clip_train.data", "open_clip_train.params", "open_clip_train.train", "clip_benchmark.datasets.builder",
+             "clip_benchmark.metrics.zeroshot_retrieval", "clip_benchmark.models"]
+EMBED_BATCH = 256  # images or captions per forward pass of the per-query ranks and the gallery
 
 
 def say(msg: str) -> None:
     """A time-stamped progress line, flushed at once: the job runs for many minutes."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def stream(cmd: List[str], log: Path, show=lambda line: False) -> None:
-    """Run ``cmd``, keeping its whole output in ``log`` and echoing the lines ``show`` picks."""
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            f.write(line)
-            if show(line):
-                print("    " + line.strip()[-150:], flush=True)
-        if proc.wait() != 0:
-            sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\nsee {log}")
 
 
 def loss_curves(log: str) -> Dict[str, List[float]]:
@@ -87,107 +79,91 @@ def random_start(model: str, seed: int, out: Path) -> Path:
     return path
 
 
-def train(model: str, seed: int, data: Path, out: Path, args: argparse.Namespace, gpu: bool) -> Path:
-    """One model trained by the unmodified open_clip_train.main; a finished run's checkpoint is reused."""
+def workers() -> multiprocessing.context.BaseContext:
+    """Where the trainings and clip_benchmark run: processes forked from one server that imported
+    open_clip_train and clip_benchmark once (the imports take longer than a smoke training), each
+    starting from that server's untouched state."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOADED)
+    return ctx
+
+
+def module_main(module: str, argv: List[str], log: str) -> None:
+    """A worker's body: ``python -m MODULE ARGV``, its output appended to ``log``; its own children
+    (data loader workers) start as a fresh interpreter's would, not from the server."""
+    multiprocessing.set_start_method(None, force=True)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.argv = [module, *argv]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+def run_module(ctx: multiprocessing.context.BaseContext, module: str, argv: List[str], log: Path,
+               show=lambda line: False) -> None:
+    """``python -m MODULE ARGV`` in a ``ctx`` process, keeping its whole output in ``log`` and echoing
+    the lines ``show`` picks while it runs; a failure ends the demo naming the log."""
+    log.write_text("")
+    proc = ctx.Process(target=module_main, args=(module, argv, str(log)))
+    proc.start()
+    with open(log, errors="replace") as f:
+        pending = ""
+        while True:
+            ended = not proc.is_alive()
+            *lines, pending = (pending + f.read()).split("\n")
+            for line in lines + ([pending] if ended else []):
+                if show(line):
+                    print("    " + line.strip()[-150:], flush=True)
+            if ended:
+                break
+            time.sleep(0.2)
+    proc.join()
+    if proc.exitcode != 0:
+        sys.exit(f"failed ({proc.exitcode}): python -m {module} {' '.join(argv)}\nsee {log}")
+
+
+def train(model: str, seed: int, data: Path, out: Path, args: argparse.Namespace, gpu: bool,
+          ctx: multiprocessing.context.BaseContext) -> Path:
+    """One model trained by the unmodified open_clip_train.main in a ``ctx`` process; a finished run's
+    checkpoint is reused."""
     name = f"{model}-s{seed}"
     ckpt = out / "runs" / name / "checkpoints" / f"epoch_{args.epochs}.pt"
     if ckpt.exists():
         say(f"{name}: checkpoint exists, skipping training")
         return ckpt
-    cmd = [sys.executable, "-m", "open_clip_train.main", "--model", model,
-           "--train-data", str(data / "train" / "train.csv"), "--dataset-type", "csv",
-           "--csv-img-key", "filepath", "--csv-caption-key", "title",
-           "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--lr", str(args.lr), "--wd", "0.01",
-           "--warmup", "10", "--lr-scheduler", "const-cooldown", "--epochs-cooldown", str(args.epochs),
-           "--lr-cooldown-power", "1.0", "--workers", "2", "--seed", str(seed), "--log-every-n-steps", "10",
-           "--precision", "amp" if gpu else "fp32", "--device", "cuda" if gpu else "cpu",
-           "--logs", str(out / "runs"), "--name", name, "--resume", "latest"]
+    argv = ["--model", model, "--train-data", str(data / "train" / "train.csv"), "--dataset-type", "csv",
+            "--csv-img-key", "filepath", "--csv-caption-key", "title",
+            "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--lr", str(args.lr), "--wd", "0.01",
+            "--warmup", "10", "--lr-scheduler", "const-cooldown", "--epochs-cooldown", str(args.epochs),
+            "--lr-cooldown-power", "1.0", "--workers", "2", "--seed", str(seed), "--log-every-n-steps", "10",
+            "--precision", "amp" if gpu else "fp32", "--device", "cuda" if gpu else "cpu",
+            "--logs", str(out / "runs"), "--name", name, "--resume", "latest"]
     if args.smoke and "-clip" in model:
-        cmd += ["--pretrained", str(random_start(model, seed, out))]
+        argv += ["--pretrained", str(random_start(model, seed, out))]
     if not args.smoke:
         # The pretrained MiniLM stays fixed (LiT-style; its projection and layer norms train): on
         # two CPU cores the budget goes to the image tower and ConLIP's heads. ConMLM still acts on
         # the image tower through the image CLS slot of its memory, which is the paper's mechanism.
-        cmd += ["--lock-text"]
+        argv += ["--lock-text"]
     say(f"training {name}")
-    stream(cmd, out / "runs" / f"{name}.stdout", show=lambda line: "Train Epoch" in line)
+    run_module(ctx, "open_clip_train.main", argv, out / "runs" / f"{name}.stdout", show=lambda line: "Train Epoch" in line)
     return ckpt
 
 
-def evaluate(model: str, ckpt: Path, root: Path, out_json: Path, gpu: bool) -> dict:
-    """clip_benchmark's retrieval metrics of a checkpoint on one split; an earlier result is reused."""
-    if not out_json.exists():
-        cmd = [sys.executable, "-m", "clip_benchmark.cli", "eval", "--model", model,
-               "--pretrained", str(ckpt), "--dataset", "flickr30k", "--dataset_root", str(root),
-               "--task", "zeroshot_retrieval", "--recall_k", "1", "5", "10", "--batch_size", "128",
-               "--num_workers", "2", "--output", str(out_json)]
-        if not gpu:
-            cmd.append("--no_amp")
-        stream(cmd, out_json.with_suffix(".log"))
-    return json.loads(out_json.read_text())["metrics"]
-
-
-def summarise(results: Dict[str, Dict[str, List[dict]]], ranks: Dict[str, Dict[str, List[dict]]], seeds: int) -> str:
-    """The results table (mean ± spread over seeds) and a plain statement about the noise.
-
-    Two sources of noise are checked: the test set (a paired bootstrap over its images, each with
-    all its captions, which one seed already allows) and, with two or more seeds, training (the
-    spread over seeds; with few seeds a rough bound). A difference is called outside the noise
-    only when it is outside both. Differences and intervals come from the per-query ranks.
-    """
-    lines = ["| split | model | " + " | ".join(name for _, name in METRICS) + " |",
-             "|---|---|" + "---|" * len(METRICS)]
-    for split, _ in SPLITS:
-        for label, _ in VARIANTS:
-            runs = results[split][label]
-            cells = []
-            for key, _ in METRICS:
-                vals = [100 * r[key] for r in runs]
-                cells.append(f"{mean(vals):.1f}" + (f" ± {stdev(vals):.1f}" if len(vals) > 1 else ""))
-            lines.append(f"| {split} | {label} | " + " | ".join(cells) + " |")
-    notes = []
-    for split, _ in SPLITS:
-        for arm, other in COMPARISONS:
-            for direction, k, name in (("image", 1, "T2I R@1"), ("text", 1, "I2T R@1"),
-                                       ("image", 10, "T2I R@10"), ("text", 10, "I2T R@10")):
-                mine, theirs = ranks[split][arm], ranks[split][other]
-                hits_a, hits_b = hits(mine, direction, k), hits(theirs, direction, k)
-                diff = 100 * float(hits_a.mean() - hits_b.mean())
-                low, high = bootstrap_interval(hits_a, hits_b, query_images(mine[0], direction))
-                outside = low > 0 or high < 0
-                detail = f"95% bootstrap interval over the test images [{low:+.1f}, {high:+.1f}]"
-                if seeds < 2:
-                    detail += "; one seed only, so the spread over training seeds (usually the larger noise) is not measured"
-                else:
-                    a = [recall(r, direction, k) for r in mine]
-                    b = [recall(r, direction, k) for r in theirs]
-                    noise = 2 * math.sqrt((stdev(a) ** 2 + stdev(b) ** 2) / seeds)
-                    outside = outside and abs(diff) > noise
-                    detail += f"; 2 standard errors over seeds = {noise:.1f}"
-                verdict = "outside the noise" if outside else "inside the noise"
-                notes.append(f"- {split}, {name}: {arm} − {other} = {diff:+.1f} points, {verdict} ({detail}).")
-    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
-
-
-def plot_losses(curves: Dict[str, Dict[str, List[float]]], path: Path) -> None:
-    """One panel per loss term, the variants overlaid: their terms differ, their shared ones compare."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    terms = sorted({t for c in curves.values() for t in c})
-    fig, axes = plt.subplots(1, len(terms), figsize=(4 * len(terms), 3.2), squeeze=False)
-    for ax, term in zip(axes[0], terms):
-        for label, c in curves.items():
-            if term in c:
-                ax.plot(c[term], label=label)
-        ax.set_title(term)
-        ax.set_xlabel("logged step (every 10 steps)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def evaluate(models: Dict[str, Path], root: Path, out: Path, seed: int, split: str, gpu: bool,
+             ctx: multiprocessing.context.BaseContext) -> Dict[str, dict]:
+    """clip_benchmark's retrieval metrics on one split of each ``models`` config name -> checkpoint, in
+    one clip_benchmark run in a ``ctx`` process; an earlier result is reused."""
+    output = out / "runs" / f"{{model}}-s{seed}-{split}.json"  # clip_benchmark fills in {model}
+    argv = ["eval", "--pretrained_model", *(f"{model},{ckpt}" for model, ckpt in models.items()),
+            "--dataset", "flickr30k", "--dataset_root", str(root), "--task", "zeroshot_retrieval",
+            "--recall_k", "1", "5", "10", "--batch_size", "128", "--num_workers", "2", "--skip_existing",
+            "--output", str(output)]
+    if not gpu:
+        argv.append("--no_amp")
+    run_module(ctx, "clip_benchmark.cli", argv, out / "runs" / f"eval-s{seed}-{split}.log")
+    return {model: json.loads(Path(str(output).format(model=model)).read_text())["metrics"] for model in models}
 
 
 def read_pairs(root: Path) -> List[Tuple[str, str]]:
@@ -196,71 +172,35 @@ def read_pairs(root: Path) -> List[Tuple[str, str]]:
     return [(name, caption) for name, captions in read_flickr_annotation(annotation) for caption in captions]
 
 
-def embed(model_name: str, ckpt: Path, root: Path, files: List[str], captions: List[str]):
-    """Normalised embeddings of the images and captions, with the model's eval preprocessing."""
-    import open_clip
-    from PIL import Image
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(ckpt), device=device)
-    tokenizer = open_clip.get_tokenizer(model_name)
-    model.eval()
-    with torch.no_grad():
-        image_emb = torch.cat([model.encode_image(torch.stack([preprocess(Image.open(root / f).convert("RGB"))
-                                                               for f in files[i:i + 256]]).to(device), normalize=True)
-                               for i in range(0, len(files), 256)])
-        text_emb = torch.cat([model.encode_text(tokenizer(captions[i:i + 256]).to(device), normalize=True)
-                              for i in range(0, len(captions), 256)])
-    return image_emb.float().cpu(), text_emb.float().cpu()
+def embed(encoder: Encoder, root: Path, files: List[str], captions: List[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm embeddings of the images (files under ``root``) and captions, with the model's eval
+    preprocessing, in batches of EMBED_BATCH; on a GPU under fp16 autocast, as clip_benchmark runs there."""
+    images = [encoder.images(torch.stack([decode_image((root / f).read_bytes(), encoder.preprocess)
+                                          for f in files[i:i + EMBED_BATCH]]))
+              for i in range(0, len(files), EMBED_BATCH)]
+    texts = [encoder.texts(captions[i:i + EMBED_BATCH]) for i in range(0, len(captions), EMBED_BATCH)]
+    return torch.cat(images), torch.cat(texts)
 
 
-def query_ranks(model_name: str, ckpt: Path, root: Path) -> Dict[str, torch.Tensor]:
+def query_ranks(encoder: Encoder, root: Path) -> Dict[str, torch.Tensor]:
     """Per query, the rank of its first correct answer (0: top), as clip_benchmark scores them:
     T2I, one query per caption (its image); I2T, one query per image (any of its captions)."""
     pairs = read_pairs(root)
     files = sorted({f for f, _ in pairs})
-    image_emb, text_emb = embed(model_name, ckpt, root, files, [c for _, c in pairs])
+    image_emb, text_emb = embed(encoder, root, files, [c for _, c in pairs])
     truth = torch.tensor([files.index(f) for f, _ in pairs])
     return dict(retrieval_ranks(text_emb @ image_emb.t(), truth), caption_image=truth)
 
 
-
-
-def gallery(model_name: str, ckpt: Path, root: Path, report: Path, queries: int = 6) -> None:
-    """Paper Figure 5: text queries and their top-5 images with scores, as PNG and HTML."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
+def gallery(encoder: Encoder, root: Path, report: Path, queries: int = 6) -> None:
+    """Paper Figure 5: evenly spaced text queries of the split and their top-5 images with scores."""
     pairs = read_pairs(root)
     files = sorted({f for f, _ in pairs})
     step = max(1, len(pairs) // queries)
     chosen = pairs[::step][:queries]
-    image_emb, text_emb = embed(model_name, ckpt, root, files, [c for _, c in chosen])
+    image_emb, text_emb = embed(encoder, root, files, [c for _, c in chosen])
     scores, top = (text_emb @ image_emb.t()).topk(5, dim=1)
-    fig, axes = plt.subplots(len(chosen), 6, figsize=(11, 1.6 * len(chosen)),
-                             gridspec_kw={"width_ratios": [2.6, 1, 1, 1, 1, 1]})
-    rows_html = []
-    for r, (truth, caption) in enumerate(chosen):
-        axes[r, 0].text(0, 0.5, textwrap.fill(caption, 34), fontsize=7, va="center")
-        axes[r, 0].axis("off")
-        cells = [f"<td>{html.escape(caption)}</td>"]
-        for c in range(5):
-            f = files[top[r, c]]
-            axes[r, c + 1].imshow(Image.open(root / f))
-            axes[r, c + 1].set_title(f"{scores[r, c]:.2f}" + (" ✓" if f == truth else ""), fontsize=7)
-            axes[r, c + 1].axis("off")
-            data = base64.b64encode((root / f).read_bytes()).decode()
-            mark = " style='outline:3px solid green'" if f == truth else ""
-            cells.append(f"<td><img src='data:image/jpeg;base64,{data}' width=64{mark}><br>{scores[r, c]:.3f}</td>")
-        rows_html.append("<tr>" + "".join(cells) + "</tr>")
-    fig.savefig(report / "gallery.png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    (report / "gallery.html").write_text(
-        "<html><body><h2>Text query → top-5 images (ConLIP, cross-style split; green: the query's own image)</h2>"
-        "<table border=1 cellpadding=4>" + "".join(rows_html) + "</table></body></html>\n")
+    demo_report.gallery(chosen, files, scores, top, root, report)
 
 
 def retrieval_index(model_name: str, ckpt: Path, root: Path, out: Path) -> Path:
@@ -299,6 +239,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     elif args.seeds is None:
         args.seeds = 3 if gpu else 1
     out = args.out.resolve()
+    if "," in str(out):
+        sys.exit(f"--out {out}: clip_benchmark reads its checkpoints as MODEL,PATH pairs; choose a folder without a comma")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     report = out / "report"
     report.mkdir(exist_ok=True)
@@ -315,45 +257,42 @@ def main(argv: Optional[List[str]] = None) -> None:
     results = {split: {label: [] for label, _ in VARIANTS} for split, _ in SPLITS}
     ranks = {split: {label: [] for label, _ in VARIANTS} for split, _ in SPLITS}
     curves, checkpoints = {}, {}
+    ctx = workers()
     for seed in range(args.seeds):
-        for label, suffix in VARIANTS:
-            model = family + suffix
-            ckpt = train(model, seed, data, out, args, gpu)
+        models = {family + suffix: train(family + suffix, seed, data, out, args, gpu, ctx) for _, suffix in VARIANTS}
+        for (label, _), (model, ckpt) in zip(VARIANTS, models.items()):
             checkpoints[(label, seed)] = ckpt
-            log = (out / "runs" / f"{model}-s{seed}" / "out.log").read_text()
             if seed == 0:
-                curves[label] = loss_curves(log)
+                curves[label] = loss_curves((out / "runs" / f"{model}-s{seed}" / "out.log").read_text())
+        for split, folder in SPLITS:
+            say(f"evaluating seed {seed} on {split}")
+            metrics = evaluate(models, data / folder, out, seed, split, gpu, ctx)
+            for (label, _), model in zip(VARIANTS, models):
+                results[split][label].append(metrics[model])
+        for (label, _), (model, ckpt) in zip(VARIANTS, models.items()):
+            encoder = Encoder(model, str(ckpt))
             for split, folder in SPLITS:
-                say(f"evaluating {label} seed {seed} on {split}")
-                metrics = evaluate(model, ckpt, data / folder, out / "runs" / f"{model}-s{seed}-{split}.json", gpu)
-                results[split][label].append(metrics)
-                ranks[split][label].append(query_ranks(model, ckpt, data / folder))
+                ranks[split][label].append(query_ranks(encoder, data / folder))
+            if label == "ConLIP" and seed == 0:
+                say("drawing the retrieval gallery")
+                gallery(encoder, data / "test-cross-style", report)
 
     say("measuring the heads' attention to the instance slot (paper Table 2)")
-    stream([sys.executable, "-m", "conlip_plugin.evaluation.attention", "--csv", str(data / "train" / "train.csv"),
-            "--batches", "4", "--batch-size", "64", "--out", str(report),
-            "--checkpoint", f"ConLIP={family}:{checkpoints[('ConLIP', 0)]}",
-            "--checkpoint", f"Vanilla={family}-vanilla:{checkpoints[('Vanilla', 0)]}",
-            "--checkpoint", f"CLIP+ConMLM+ConMIM={family}-clip+conmlm-conmim:{checkpoints[('CLIP+ConMLM+ConMIM', 0)]}"],
-           out / "analysis.log")
-    say("drawing loss curves and the retrieval gallery")
-    plot_losses(curves, report / "losses.png")
-    gallery(family, checkpoints[("ConLIP", 0)], data / "test-cross-style", report)
+    with open(out / "analysis.log", "w") as log, contextlib.redirect_stdout(log):
+        attention(["--csv", str(data / "train" / "train.csv"), "--batches", "4", "--batch-size", "64",
+                   "--out", str(report), "--checkpoint", f"ConLIP={family}:{checkpoints[('ConLIP', 0)]}",
+                   "--checkpoint", f"Vanilla={family}-vanilla:{checkpoints[('Vanilla', 0)]}",
+                   "--checkpoint",
+                   f"CLIP+ConMLM+ConMIM={family}-clip+conmlm-conmim:{checkpoints[('CLIP+ConMLM+ConMIM', 0)]}"])
+    say("drawing the loss curves")
+    demo_report.plot_losses(curves, report / "losses.png")
 
-    table = summarise(results, ranks, args.seeds)
-    chance = ", ".join(f"{split} {100 / len({f for f, _ in read_pairs(data / folder)}):.2f}"
-                       for split, folder in SPLITS)
-    table += f"\nChance level of T2I R@1 (one right image among N), in %: {chance}.\n"
-    gap = rank_check(results, ranks)
-    table += (f"\nThe per-query ranks behind the bootstrap intervals are recomputed here from the same "
-              f"checkpoints; they reproduce clip_benchmark's R@1/5/10 to within {gap:.2f} points (exact ties, "
-              f"from duplicate captions of different emoji, count against the query here).\n")
-    table2 = (report / "table.md").read_text()
-    text = (f"# ConLIP demo on emoji ({family}; {args.seeds} seed(s), "
-            f"{args.epochs} epoch(s), {'GPU' if gpu else 'CPU'}, {time.time() - started:.0f} s)\n\n"
-            f"Zero-shot retrieval, Recall@K in % (T2I: text→image, I2T: image→text):\n\n{table}\n"
-            f"Cross-attention weight on the other modality's CLS slot (paper Table 2):\n\n{table2}\n"
-            "Files: losses.png, table2.png, gallery.png, gallery.html, results.json\n")
+    table = demo_report.summarise(results, ranks, args.seeds)
+    chance = {split: 100 / len({f for f, _ in read_pairs(data / folder)}) for split, folder in SPLITS}
+    table += demo_report.chance_and_rank_notes(chance, rank_check(results, ranks))
+    title = (f"{family}; {args.seeds} seed(s), {args.epochs} epoch(s), {'GPU' if gpu else 'CPU'}, "
+             f"{time.time() - started:.0f} s")
+    text = demo_report.readme(title, table, (report / "table.md").read_text())
     (report / "README.md").write_text(text)
     (report / "results.json").write_text(json.dumps(results, indent=2))
     print("\n" + text)
@@ -361,7 +300,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     say("indexing the cross-style test images with the ConLIP model (conlip-retrieval)")
     index = retrieval_index(family, checkpoints[("ConLIP", 0)], data / "test-cross-style", out)
     say(f"search the test images in a browser: conlip-retrieval serve --index {index}")
-
 
 if __name__ == "__main__":
     main()

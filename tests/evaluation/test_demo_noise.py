@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from conlip_plugin.evaluation import demo, ranks
+from conlip_plugin.evaluation import demo, demo_report, ranks
 
 
 def _reference_ranks(scores, truth):
@@ -74,7 +74,7 @@ def test_summary_calls_a_clear_win_outside_and_a_tie_inside_the_noise():
                  "CLIP": _fake_runs([0] * 150 + [20] * 150), "CLIP+ConMLM+ConMIM": _fake_runs([0] * 300)}
         results[split] = {label: runs[0] for label, runs in clear.items()}
         per_query[split] = {label: runs[1] for label, runs in clear.items()}
-    text = demo.summarise(results, per_query, seeds=1)
+    text = demo_report.summarise(results, per_query, seeds=1)
     assert "ConLIP − Vanilla = +100.0 points, outside the noise" in text
     assert "ConLIP − CL = +0.0 points, inside the noise" in text
     assert "ConLIP − CLIP = +50.0 points, outside the noise" in text

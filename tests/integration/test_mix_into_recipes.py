@@ -1,6 +1,7 @@
 """ConLIP's pieces on other open_clip models: ``BASE+conlip[-cl|-mlm]`` through the real CLI."""
 import json
 import sys
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -10,6 +11,7 @@ from tiny_configs import hf_base, native_base
 from train_logs import epoch_means
 
 PY = sys.executable
+HELPERS = Path(__file__).resolve().parents[1] / "helpers"
 
 
 def _base_configs() -> dict:
@@ -34,20 +36,40 @@ def bases(tmp_path_factory):
     return out
 
 
+PIECES = [("conlip-cl", {"Dcl_loss"}),
+          ("conlip-mlm", {"Dcl_loss", "Conmlm_loss"}),
+          ("conlip", {"Dcl_loss", "Conmlm_loss", "Conmim_loss"})]
+
+
+@pytest.fixture(scope="module")
+def piece_runs(bases, caption_data, run, tmp_path_factory):
+    """Every BASE+piece run of the test below, 3 epochs each, trained by open_clip_train.main from one
+    interpreter start (tests/helpers/forked_trainings.py); per model, its folder and exit code."""
+    root = tmp_path_factory.mktemp("pieces")
+    folders = {f"{base}+{suffix}": root / f"{base}+{suffix}" for base in _base_configs() for suffix, _ in PIECES}
+    runs = []
+    for model, cwd in folders.items():
+        cwd.mkdir()
+        base = model.split("+")[0]
+        runs.append({"cwd": str(cwd), "argv": [
+            "--model", model, "--pretrained", str(bases[base]),
+            "--train-data", str(caption_data["csv"]), "--dataset-type", "csv", "--csv-separator", ",",
+            "--csv-img-key", "filepath", "--csv-caption-key", "title", "--batch-size", "10", "--epochs", "3",
+            "--lr", "1e-3", "--warmup", "1", "--precision", "fp32", "--device", "cpu", "--workers", "1",
+            "--seed", "0", "--log-every-n-steps", "1", "--name", "mix"]})
+    (root / "runs.json").write_text(json.dumps(runs))
+    run([PY, str(HELPERS / "forked_trainings.py"), str(root / "runs.json")], root, env=bases["env"])
+    exits = json.loads((root / "runs.exits.json").read_text())
+    return {model: (cwd, code) for (model, cwd), code in zip(folders.items(), exits)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("base", ["mixtest-native", "mixtest-hf"])
-@pytest.mark.parametrize("suffix,terms", [
-    ("conlip-cl", {"Dcl_loss"}),
-    ("conlip-mlm", {"Dcl_loss", "Conmlm_loss"}),
-    ("conlip", {"Dcl_loss", "Conmlm_loss", "Conmim_loss"}),
-])
-def test_each_piece_trains_through_the_cli_with_falling_losses(bases, caption_data, run, tmp_path, base, suffix, terms):
+@pytest.mark.parametrize("suffix,terms", PIECES)
+def test_each_piece_trains_through_the_cli_with_falling_losses(piece_runs, base, suffix, terms):
     model = f"{base}+{suffix}"
-    run([PY, "-m", "open_clip_train.main", "--model", model, "--pretrained", str(bases[base]),
-         "--train-data", str(caption_data["csv"]), "--dataset-type", "csv", "--csv-separator", ",",
-         "--csv-img-key", "filepath", "--csv-caption-key", "title", "--batch-size", "10", "--epochs", "3",
-         "--lr", "1e-3", "--warmup", "1", "--precision", "fp32", "--device", "cpu", "--workers", "1",
-         "--seed", "0", "--log-every-n-steps", "1", "--name", "mix"], tmp_path, env=bases["env"])
+    tmp_path, code = piece_runs[model]
+    assert code == 0, f"open_clip_train.main exited {code}:\n{(tmp_path / 'train.out').read_text()[-6000:]}"
     means = epoch_means((tmp_path / "logs" / "mix" / "out.log").read_text())
     assert set(means) == terms
     for term, per_epoch in means.items():

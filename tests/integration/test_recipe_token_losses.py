@@ -3,6 +3,7 @@
 import json
 import math
 import sys
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -21,6 +22,7 @@ from model_state import assert_bitwise_equal
 from tiny_configs import hf_base, native_base
 
 PY = sys.executable
+HELPERS = Path(__file__).resolve().parents[1] / "helpers"
 BASES = {"recipetest-native": native_base(32), "recipetest-hf": hf_base(48)}
 # A full JSON config: the switch behind the BASE+conmlm-conmim name, with token-loss weights.
 WEIGHTED = {**hf_base(48), "conlip_cfg": {"variant": "conlip", "instance_loss": "recipe", "mlm_weight": 0.5,
@@ -223,28 +225,57 @@ def test_two_gloo_processes_with_local_loss_match_one_process_on_the_global_batc
         assert torch.allclose(torch.tensor(text_grad).double() / 2, leaves[1].grad[rows], atol=1e-6)
 
 
+def _train_argv(bases, caption_data, model, base, epochs, *extra):
+    return ["--model", model, "--pretrained", str(bases[base]),
+            "--train-data", str(caption_data["csv"]), "--dataset-type", "csv", "--csv-separator", ",",
+            "--csv-img-key", "filepath", "--csv-caption-key", "title", "--batch-size", "10",
+            "--epochs", str(epochs), "--lr", "1e-3", "--warmup", "1", "--precision", "fp32",
+            "--device", "cpu", "--workers", "1", "--seed", "0", "--log-every-n-steps", "1",
+            "--name", "recipe", *extra]
+
+
 def _train(run, bases, caption_data, workdir, model, base, epochs, *extra, main="open_clip_train.main", env=None):
     cmd = [PY, "-m", main] if main == "open_clip_train.main" else [PY, main]
-    return run(cmd + ["--model", model, "--pretrained", str(bases[base]),
-                      "--train-data", str(caption_data["csv"]), "--dataset-type", "csv", "--csv-separator", ",",
-                      "--csv-img-key", "filepath", "--csv-caption-key", "title", "--batch-size", "10",
-                      "--epochs", str(epochs), "--lr", "1e-3", "--warmup", "1", "--precision", "fp32",
-                      "--device", "cpu", "--workers", "1", "--seed", "0", "--log-every-n-steps", "1",
-                      "--name", "recipe", *extra], workdir, env={**bases["env"], **(env or {})})
+    return run(cmd + _train_argv(bases, caption_data, model, base, epochs, *extra), workdir,
+               env={**bases["env"], **(env or {})})
+
+
+MIXES = [("conmlm", (), {"Contrastive_loss", "Conmlm_loss"}),
+         ("conmim", (), {"Contrastive_loss", "Conmim_loss"}),
+         ("conmlm-conmim", (), {"Contrastive_loss", "Conmlm_loss", "Conmim_loss"}),
+         ("conmlm-conmim", ("--siglip",), {"Contrastive_loss", "Conmlm_loss", "Conmim_loss"})]
+
+
+def _mix_flags(flags):
+    lr = ("--lr", "5e-4") if "--siglip" in flags else ()  # at 1e-3 SigLIP's loss spikes on the BERT base
+    return (*flags, *lr)
+
+
+@pytest.fixture(scope="module")
+def mix_runs(bases, caption_data, run, tmp_path_factory):
+    """Every (base, mix) run of the test below, 3 epochs each, trained by open_clip_train.main from one
+    interpreter start (tests/helpers/forked_trainings.py); per case, its folder and exit code."""
+    root = tmp_path_factory.mktemp("mixes")
+    cases = {(base, suffix, flags): root / f"{base}+{suffix}{''.join(flags)}" for base in BASES
+             for suffix, flags, _ in MIXES}
+    runs = []
+    for (base, suffix, flags), cwd in cases.items():
+        cwd.mkdir()
+        runs.append({"cwd": str(cwd), "argv": _train_argv(bases, caption_data, f"{base}+{suffix}", base, 3,
+                                                          *_mix_flags(flags))})
+    (root / "runs.json").write_text(json.dumps(runs))
+    run([PY, str(HELPERS / "forked_trainings.py"), str(root / "runs.json")],
+        root, env=bases["env"])
+    exits = json.loads((root / "runs.exits.json").read_text())
+    return {case: (cwd, code) for (case, cwd), code in zip(cases.items(), exits)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("base", list(BASES))
-@pytest.mark.parametrize("suffix,flags,terms", [
-    ("conmlm", (), {"Contrastive_loss", "Conmlm_loss"}),
-    ("conmim", (), {"Contrastive_loss", "Conmim_loss"}),
-    ("conmlm-conmim", (), {"Contrastive_loss", "Conmlm_loss", "Conmim_loss"}),
-    ("conmlm-conmim", ("--siglip",), {"Contrastive_loss", "Conmlm_loss", "Conmim_loss"}),
-])
-def test_each_mix_trains_through_the_cli_with_falling_terms(bases, caption_data, run, tmp_path, base, suffix, flags,
-                                                           terms):
-    lr = ("--lr", "5e-4") if "--siglip" in flags else ()  # at 1e-3 SigLIP's loss spikes on the BERT base
-    _train(run, bases, caption_data, tmp_path, f"{base}+{suffix}", base, 3, *flags, *lr)
+@pytest.mark.parametrize("suffix,flags,terms", MIXES)
+def test_each_mix_trains_through_the_cli_with_falling_terms(mix_runs, base, suffix, flags, terms):
+    tmp_path, code = mix_runs[(base, suffix, flags)]
+    assert code == 0, f"open_clip_train.main exited {code}:\n{(tmp_path / 'train.out').read_text()[-6000:]}"
     means = epoch_means((tmp_path / "logs" / "recipe" / "out.log").read_text())
     assert set(means) == terms
     for term, per_epoch in means.items():
@@ -260,7 +291,7 @@ def test_resume_restores_the_mixed_run_bit_for_bit_and_accumulation_trains(bases
     """--resume latest restores towers, heads, logit_scale and optimizer exactly; --accum-freq 2 runs."""
     model, base = "recipetest-hf+conmlm-conmim", "recipetest-hf"
     _train(run, bases, caption_data, tmp_path, model, base, 1)
-    main = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "helpers" / "state_after_resume_main.py")
+    main = str(HELPERS / "state_after_resume_main.py")
     _train(run, bases, caption_data, tmp_path, model, base, 2, "--resume", "latest", main=main,
            env={"STATE_AFTER_RESUME": str(tmp_path / "after.pt")})
     saved = torch.load(tmp_path / "logs" / "recipe" / "checkpoints" / "epoch_1.pt", weights_only=True)
