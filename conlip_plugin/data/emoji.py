@@ -63,7 +63,9 @@ from typing import Callable, Iterable, Mapping
 from PIL import Image
 from tqdm import tqdm
 
-from conlip_plugin.data.files import fail, normalize_caption, stable_hash, write_atomic
+from conlip_plugin.atomic_files import write_atomic
+from conlip_plugin.command_errors import fail
+from conlip_plugin.data.files import normalize_caption, stable_hash
 from conlip_plugin.data.karpathy import eval_layout
 from conlip_plugin.data.shards import report_shards, shard_names, train_shards
 

@@ -19,7 +19,7 @@ from typing import Optional
 
 from fastapi import FastAPI
 
-from conlip_plugin.data.files import fail
+from conlip_plugin.command_errors import fail
 from conlip_plugin.retrieval.clip_retrieval_api import add_clip_retrieval_routes
 from conlip_plugin.retrieval.encoder import Encoder
 from conlip_plugin.retrieval.limits import ServingLimits, add_limits, header_deadline_protocol
