@@ -1,8 +1,8 @@
-"""Figures for ``conlip-retrieval`` (the ``conlip-retrieval-bench`` command): how fast a model embeds
-images (``retrieval_embedding``), what exact and approximate search cost per gallery size
-(``retrieval_search``), and with ``--store-sizes`` what ``index`` and ``serve`` take in time and peak
-memory (``retrieval_scale``), written as a Markdown table and a JSON file (``retrieval_report``).
+"""Figures for ``conlip-retrieval``: how fast a model embeds images, what exact and approximate search
+cost per gallery size, and (``--store-sizes``) what ``index`` and ``serve`` take in time and peak
+memory, written as a Markdown table and a JSON file.
 
+The parts: ``retrieval_embedding``, ``retrieval_search``, ``retrieval_scale``, ``retrieval_report``.
 The galleries are synthetic (``synthetic_vectors``): a Gaussian mixture whose clusters overlap, so
 that the approximate index has real neighbours to miss and recall means something. The figures, and
 the commands that produced them, are in docs/retrieval.md.
