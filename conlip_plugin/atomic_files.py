@@ -33,24 +33,26 @@ def fsync_folder(folder: PathLike) -> None:
         fsync_path(folder)
 
 
-def move_into_place(tmp: PathLike, path: PathLike) -> None:
+def move_into_place(tmp: PathLike, path: PathLike, sync: bool = True) -> None:
     """Fsync the finished temporary ``tmp``, rename it over ``path`` and fsync the folder: for writers
-    that hold their temporary open across calls (``atomic_path`` for the rest)."""
-    fsync_path(tmp)
+    that hold their temporary open across calls (``atomic_path`` for the rest). ``sync=False`` skips
+    the file's fsync, for a temporary that holds no data written here (a link to an existing file)."""
+    if sync:
+        fsync_path(tmp)
     os.replace(tmp, path)
     fsync_folder(Path(path).parent)
 
 
 @contextlib.contextmanager
-def atomic_path(path: PathLike, temporary: Optional[PathLike] = None) -> Iterator[Path]:
-    """Yield the temporary path to write; on a clean exit it is fsynced and renamed over ``path``,
-    on an error (a kill's signal included) it is removed. ``temporary`` names it when the caller's
-    readers must not mistake it for a finished file (default: ``temporary_path(path)``)."""
+def atomic_path(path: PathLike, temporary: Optional[PathLike] = None, sync: bool = True) -> Iterator[Path]:
+    """Yield the temporary path to write; on a clean exit it is fsynced and renamed over ``path``
+    (``move_into_place``), on an error (a kill's signal included) it is removed. ``temporary`` names
+    it when the caller's readers must not mistake it for a finished file (default: ``temporary_path(path)``)."""
     path = Path(path)
     tmp = Path(temporary) if temporary is not None else temporary_path(path)
     try:
         yield tmp
-        move_into_place(tmp, path)
+        move_into_place(tmp, path, sync)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)

@@ -151,7 +151,7 @@ def place_image(source: Path, target: Path, link: str) -> None:
         if os.path.samefile(source, target) and target.is_symlink() == (link == "symlink"):
             return
     target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target) as tmp:
+    with atomic_path(target, sync=link == "copy") as tmp:  # a link brings no new data to sync
         if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
         try:
