@@ -11,6 +11,7 @@ from conlip_plugin.benchmarks.retrieval_search import K, MB, TARGET_SIZE
 
 
 def machine_info() -> dict:
+    """What the figures depend on: the date, cores, library versions, thread settings and the load."""
     import open_clip
     import torch
 
@@ -38,6 +39,7 @@ def _curve(size: dict) -> str:
 
 
 def markdown(report: dict) -> str:
+    """The report as Markdown, one section per part that ran."""
     machine = report["machine"]
     lines = [f"# conlip-retrieval benchmark, {machine['date']}", "",
              f"{machine['cpu_count']} CPU cores ({machine['processor']}), torch {machine['torch']}, faiss "
