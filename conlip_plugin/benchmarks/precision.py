@@ -74,7 +74,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 def register_model(size: str, tokenizer_dir: Optional[str], workdir: Path) -> str:
     """Write the random-init config as ``workdir/NAME.json`` (for ``CONLIP_MODEL_CONFIGS``); return NAME."""
     from conlip_plugin import activate
-    from conlip_plugin.benchmarks.training import model_config
+    from conlip_plugin.benchmarks.random_towers import model_config
 
     activate()  # model_config reads the registered conlip-tiny
     name = f"conlip-precision-{size}"

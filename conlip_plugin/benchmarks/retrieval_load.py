@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 from PIL import Image, ImageDraw
 
 from conlip_plugin.arguments import positive_float, positive_int
-from conlip_plugin.data.files import fail
+from conlip_plugin.command_errors import fail
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40),
            "purple": (140, 50, 170), "orange": (240, 140, 20), "black": (20, 20, 20), "pink": (240, 120, 180)}

@@ -63,7 +63,9 @@ from typing import Callable, Iterable, Mapping
 from PIL import Image
 from tqdm import tqdm
 
-from conlip_plugin.data.files import fail, normalize_caption, stable_hash, write_atomic
+from conlip_plugin.atomic_files import move_into_place, write_atomic
+from conlip_plugin.command_errors import fail
+from conlip_plugin.data.files import normalize_caption, stable_hash
 from conlip_plugin.data.karpathy import eval_layout
 from conlip_plugin.data.shards import report_shards, shard_names, train_shards
 
@@ -179,7 +181,7 @@ def npm_pack(package: Package, cache: Path, expected: str) -> Path:
         if proc.returncode != 0 or not fetched.is_file():
             fail(f"`npm pack {package.spec}` failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
         verify(fetched, expected, "npm delivered it; nothing was cached.")
-        os.replace(fetched, cache / package.tarball)
+        move_into_place(fetched, cache / package.tarball)
     return cache / package.tarball
 
 

@@ -16,7 +16,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from conlip_plugin.data.files import fail, listing, normalize_caption, require_files, write_atomic
+from conlip_plugin.atomic_files import atomic_path, write_atomic
+from conlip_plugin.command_errors import fail, listing
+from conlip_plugin.data.files import normalize_caption, require_files
 
 FLICKR_HEADER = "image,caption"  # clip_benchmark's Flickr reader skips the first line unread
 FLICKR_SEPARATOR = ".jpg,"  # ...and splits every other line at this string, which must occur once
@@ -149,20 +151,19 @@ def place_image(source: Path, target: Path, link: str) -> None:
         if os.path.samefile(source, target) and target.is_symlink() == (link == "symlink"):
             return
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    try:
-        if link == "symlink":
-            os.symlink(source.resolve(), tmp)
-        elif link == "hardlink":
-            os.link(source, tmp)
-        else:
-            shutil.copyfile(source, tmp)
-    except OSError as e:
-        fail(f"cannot {link} {source} to {tmp}: {e}" + (" (use --link symlink or copy across file systems)"
-                                                      if link == "hardlink" else ""))
-    os.replace(tmp, target)
+    with atomic_path(target, sync=link == "copy") as tmp:  # a link brings no new data to sync
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        try:
+            if link == "symlink":
+                os.symlink(source.resolve(), tmp)
+            elif link == "hardlink":
+                os.link(source, tmp)
+            else:
+                shutil.copyfile(source, tmp)
+        except OSError as e:
+            fail(f"cannot {link} {source} to {tmp}: {e}" + (" (use --link symlink or copy across file systems)"
+                                                          if link == "hardlink" else ""))
 
 
 def eval_layout(dataset_name: str, karpathy_json: Path, images: Path, out: Path, link: str = "symlink",

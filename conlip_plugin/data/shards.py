@@ -6,7 +6,6 @@ import csv
 import io
 import itertools
 import json
-import os
 import random
 import re
 import sys
@@ -20,7 +19,9 @@ from typing import Iterable, Iterator
 from open_clip_train.data import expand_urls
 from tqdm import tqdm
 
-from conlip_plugin.data.files import fail, listing, require_files, stable_hash, write_atomic
+from conlip_plugin.atomic_files import atomic_file, write_atomic
+from conlip_plugin.command_errors import fail, listing
+from conlip_plugin.data.files import require_files, stable_hash
 from conlip_plugin.data.karpathy import entry_captions, image_source, load_karpathy
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")  # open_clip_train.data.filter_no_caption_or_no_image
@@ -70,9 +71,8 @@ def write_shard(path: Path, samples: Iterable[dict]) -> int:
     """Write samples (dicts of __key__ and extension -> bytes) to a shard atomically; returns their count."""
     from webdataset import TarWriter  # imports torch: loaded only by the shard commands
 
-    tmp = path.with_name(path.name + ".tmp")
     count, previous = 0, None
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as f:
         with TarWriter(f, encoder=False, mode=0o644, mtime=TAR_MTIME) as writer:
             for sample in samples:
                 if sample["__key__"] == previous:
@@ -80,9 +80,6 @@ def write_shard(path: Path, samples: Iterable[dict]) -> int:
                 writer.write(sample)
                 previous = sample["__key__"]
                 count += 1
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return count
 
 
@@ -271,8 +268,7 @@ def subset(pattern: str, count: int, seed: int, out: Path, shard_size: int = 100
     out.mkdir(parents=True, exist_ok=True)
     names = shard_names(-(-count // shard_size))
     chosen = selected_samples(paths, usable, count, seed)
-    manifest_tmp = out / "manifest.tsv.tmp"
-    with open(manifest_tmp, "w", encoding="utf-8") as manifest, \
+    with atomic_file(out / "manifest.tsv", "w", encoding="utf-8") as manifest, \
             tqdm(total=count, desc="copying", unit="sample") as bar:
         manifest.write("key\tshard\tsource\n")
 
@@ -285,7 +281,6 @@ def subset(pattern: str, count: int, seed: int, out: Path, shard_size: int = 100
         for name in names:
             summary.sizes[name] = write_shard(out / name, logged(itertools.islice(chosen, shard_size), name))
             summary.written.append(name)
-    os.replace(manifest_tmp, out / "manifest.tsv")
     info = {"seed": seed, "count": count, "pattern": pattern, "shards": [str(p) for p in paths],
             "usable_samples": sum(usable), "unusable_samples": summary.skipped_unusable}
     write_atomic(out / "subset.json", json.dumps(info, indent=1).encode())

@@ -1,10 +1,12 @@
 """Paper Table 2 on your checkpoints: cross-attention weight on the other modality's CLS slot.
 
-For each checkpoint (ConLIP or Vanilla, any size), runs the token-level heads on a CSV of
-image-caption pairs and reports the mean and standard deviation of the weight from text tokens to
-the image CLS slot (ConMLM / MLM head) and from image patches to the text CLS slot (ConMIM / MIM
-head), as a table (stdout, table.md), results.json and a bar plot (table2.png). Images are
-preprocessed exactly as the model's evaluation transform does (its config's ``preprocess_cfg``).
+ConLIP's claim is mechanistic: conditioning the heads on the complete image's (text's) CLS makes
+them use it. This measures, over real batches of a CSV of image-caption pairs, the weight from the
+masked text's tokens to memory slot 0 (the image CLS) in the ConMLM head, and from the masked
+image's patches to slot 0 (the text CLS) in the ConMIM head. Slot 0 is the complete other
+modality's CLS for ConLIP and Vanilla alike (with a CLS-first text tower), so their numbers compare
+directly. Images are preprocessed exactly as the model's evaluation transform does (its config's
+``preprocess_cfg``); the report is a table (stdout, table.md), results.json and a bar plot (table2.png).
 
     conlip-attention --csv data.csv --out report/ \\
         --checkpoint ConLIP=conlip-tiny:logs/a/checkpoints/epoch_8.pt \\
@@ -14,11 +16,65 @@ import argparse
 import itertools
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from conlip_plugin.method.model import ConLIP
+from conlip_plugin.method.towers import HFTextTokens
+
 ROWS = (("mlm_layer0", "text tokens -> image CLS (MLM head)"), ("mim_layer0", "image patches -> text CLS (MIM head)"))
+
+
+def _instance_slot_weights(weights: torch.Tensor, valid_queries: torch.Tensor) -> torch.Tensor:
+    """Weights (B, heads, Q, S) on slot 0, for the valid queries only, flattened."""
+    slot = weights[..., 0]
+    keep = valid_queries[:, None, :].expand_as(slot)
+    return slot[keep].double()
+
+
+@torch.no_grad()
+def instance_slot_attention(model: ConLIP, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]]) -> Dict[str, dict]:
+    """Mean and standard deviation of the cross-attention weight on the instance slot.
+
+    Runs the training forward (masking, both heads) without dropout, leaving the momentum
+    encoders and queues as they were; per layer of each head (a shared layer applied twice
+    reports the last application), over every valid query of every batch.
+    """
+    heads = {name: getattr(model, f"{name}_head") for name in ("mlm", "mim") if hasattr(model, f"{name}_head")}
+    if not heads:
+        raise ValueError("this model has no token-level heads (a CL model): nothing to analyse")
+    if "mim" in heads and model.conlip_cfg.variant == "vanilla" and not isinstance(model.text_adapter, HFTextTokens):
+        raise ValueError(
+            "a Vanilla model on open_clip's causal text tower: its ConMIM memory starts with the start-of-text "
+            "state, not the caption's instance state, so slot 0 does not compare with ConLIP's; analyse "
+            "models with a CLS-first (Hugging Face) text tower."
+        )
+    was_training, pending = model.training, model.keys_to_enqueue
+    model.eval()
+    samples: Dict[str, List[torch.Tensor]] = {}
+    for head in heads.values():
+        head.record_cross_attention(True)
+    try:
+        for images, texts in batches:
+            model.forward_train(images, texts)
+            for name, head in heads.items():
+                for i, layer in enumerate(head.layers):
+                    w = layer.cross_attn.last_weights
+                    valid = head.last_query_mask
+                    if valid is None:
+                        valid = torch.ones(w.shape[0], w.shape[2], dtype=torch.bool, device=w.device)
+                    samples.setdefault(f"{name}_layer{i}", []).append(_instance_slot_weights(w, valid))
+    finally:
+        for head in heads.values():
+            head.record_cross_attention(False)
+        model.keys_to_enqueue = pending
+        model.train(was_training)
+    out = {}
+    for key, parts in samples.items():
+        values = torch.cat(parts)
+        out[key] = {"mean": values.mean().item(), "std": values.std(unbiased=False).item(), "count": values.numel()}
+    return out
 
 
 def parse_checkpoint(spec: str) -> Tuple[str, str, str]:
@@ -45,8 +101,6 @@ def model_and_loader(model_name: str, checkpoint: str, csv: str, img_key: str = 
 
 
 def analyse(model_name: str, checkpoint: str, args: argparse.Namespace) -> Dict[str, dict]:
-    from conlip_plugin.evaluation.analysis import instance_slot_attention
-
     model, loader = model_and_loader(model_name, checkpoint, args.csv, args.csv_img_key, args.csv_caption_key,
                                      args.csv_separator, args.batch_size)
     torch.manual_seed(args.seed)

@@ -9,7 +9,6 @@ The completeness check reads no tensor and unpickles nothing: ``torch.save`` wri
 whose directory comes last, so a file cut short at any point lacks it, and checking for it costs a
 few kilobytes of reading even for a checkpoint of many gigabytes.
 """
-import contextlib
 import os
 import re
 import types
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any, Iterable, List, Optional, Tuple
 
 import torch
+
+from conlip_plugin.atomic_files import atomic_path
 
 PARTIAL_SUFFIX = ".partial"
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -43,25 +44,6 @@ def partial_path(path: str) -> str:
     bytes that ``torch.save(obj, path)`` writes."""
     folder, name = os.path.split(path)
     return os.path.join(folder, os.path.splitext(name)[0] + PARTIAL_SUFFIX)
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_folder(folder: str) -> None:
-    """Make the rename itself durable (POSIX only: elsewhere a folder cannot be opened)."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def refuse_nonfinite_checkpoint(obj: Any, path: str) -> None:
@@ -95,16 +77,8 @@ def atomic_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
         return
     path = os.fspath(f)
     refuse_nonfinite_checkpoint(obj, path)
-    partial = partial_path(path)
-    try:
-        torch.save(obj, partial, *args, **kwargs)
-        _fsync(partial)
-        os.replace(partial, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(partial)
-        raise
-    _fsync_folder(os.path.dirname(path) or ".")
+    with atomic_path(path, temporary=partial_path(path)) as partial:
+        torch.save(obj, os.fspath(partial), *args, **kwargs)
 
 
 class TorchWithAtomicSave(types.ModuleType):

@@ -4,22 +4,21 @@ A web-scale run meets broken images, empty captions and damaged shards: training
 every skip must be visible. DataLoader workers report each skip as one JSON line appended to a file
 named in ``CONLIP_SKIPPED_SAMPLES_FILE`` (inherited under any start method); each rank's main
 process reads the new lines after every batch and sums them at the epoch's end.
-``patches/skip_bad_samples.py`` wires this into open_clip_train; docs/reliability.md has the rest.
+The readers that meet the bad samples are in ``conlip_plugin/data/training_readers.py``;
+``patches/skip_bad_samples.py`` wires both into open_clip_train; docs/reliability.md has the rest.
 """
 import atexit
 import json
 import logging
-import math
 import os
 import re
 import tarfile
 import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from PIL import UnidentifiedImageError
 
 ENV = "CONLIP_SKIPPED_SAMPLES_FILE"
 
@@ -39,9 +38,7 @@ TRUNCATED_TAR = "truncated tar"
 CORRUPT_TAR = "corrupt tar"
 
 IMAGE_EXTENSIONS = ("jpg", "png", "jpeg", "webp")  # what open_clip_train renames to "image"
-MAX_CONSECUTIVE_BAD_ROWS = 32
 MAX_NAMED_PER_RANK = 1000  # per epoch, sent to rank 0 for out.log; the rest only in that rank's log
-_BLOCK = 512
 _OBJECT_REPR = re.compile(r"(?: @)?\s*<[^<>]* object at 0x[0-9a-fA-F]+>")
 
 
@@ -270,112 +267,3 @@ def open_report() -> SkipReport:
 def current_report() -> Optional[SkipReport]:
     """This process's report if it opened one (a training run with a CSV or webdataset)."""
     return _report if _report is not None and _report.pid == os.getpid() else None
-
-
-class _TarEnd:
-    """A shard's byte stream that keeps its first and last 512 bytes.
-
-    tarfile's stream mode ends quietly when a tar is cut at a member boundary; a complete
-    uncompressed tar ends with a zero block, which tells the two apart."""
-
-    def __init__(self, raw):
-        self._raw = raw
-        self._head = b""
-        self._tail = b""
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._raw.read(size)
-        if len(self._head) < _BLOCK:
-            self._head = (self._head + data)[:_BLOCK]
-        self._tail = (self._tail + data[-_BLOCK:])[-_BLOCK:]
-        return data
-
-    def cut_short(self) -> bool:
-        """Whether an uncompressed tar stream ends without a zero block (read to its end first)."""
-        while self.read(1 << 16):
-            pass
-        return self._head[257:262] == b"ustar" and self._tail.strip(b"\0") != b""
-
-
-def _unreadable_shard(exn: Exception) -> bool:
-    record(Skip(shard_of(exn), None, UNREADABLE_SHARD, detail(exn), shard=True))
-    return True
-
-
-def tar_members(sources: Iterable[dict]) -> Iterator[dict]:
-    """Shards to tar members, as webdataset's ``url_opener`` + ``tar_file_expander``, except
-    that a shard that cannot be opened, or whose tar ends early or is damaged, is recorded once
-    with the last sample read before the damage, and the rest of that shard is skipped."""
-    from webdataset.tariterators import base_plus_ext, tar_file_iterator, url_opener
-
-    for source in url_opener(sources, handler=_unreadable_shard):
-        url, last = source["url"], None
-        stream = _TarEnd(source["stream"])
-        try:
-            for member in tar_file_iterator(stream):
-                member["__url__"] = url
-                last = member["fname"]
-                yield member
-            cut_short = stream.cut_short()
-        except Exception as exn:
-            record(Skip(url, last and base_plus_ext(last)[0], tar_reason(exn), detail(exn), shard=True))
-            continue
-        if cut_short:
-            record(Skip(url, last and base_plus_ext(last)[0], TRUNCATED_TAR,
-                        "the file ends without the tar end-of-archive block", shard=True))
-
-
-class CsvDataset(Dataset):
-    """open_clip_train's CSV dataset (same arguments), except that a row whose image or caption
-    cannot be used is recorded and replaced by the next usable row, instead of ending the run.
-
-    A map-style dataset must return a sample for every index, hence the replacement. Many
-    consecutive bad rows are no longer bad samples but a wrong path or column: that raises."""
-
-    def __init__(self, input_filename, transforms, img_key, caption_key, sep="\t", tokenizer=None):
-        import pandas as pd
-
-        df = pd.read_csv(input_filename, sep=sep)
-        self.images = df[img_key].tolist()
-        self.captions = df[caption_key].tolist()
-        self.transforms = transforms
-        self.tokenize = tokenizer
-        self.source = str(input_filename)
-        open_report()
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def __getitem__(self, idx: int):
-        skips = []
-        for step in range(min(len(self), MAX_CONSECUTIVE_BAD_ROWS)):
-            loaded = self.load(idx + step)
-            if not isinstance(loaded, Skip):
-                return loaded
-            record(loaded)
-            skips.append(loaded)
-        raise RuntimeError(
-            f"{len(skips)} consecutive rows of {self.source} from row {idx} cannot be used, the first: "
-            f"{describe(skips[0])}. That is not a few bad samples: check that --csv-img-key and "
-            f"--csv-caption-key name the right columns and that the image paths exist as seen from "
-            f"{os.getcwd()}.")
-
-    def load(self, row: int) -> Union[tuple, Skip]:
-        """Row ``row`` (modulo the length) as (image, tokens), or the Skip that says why not."""
-        row %= len(self)
-        key, caption, path = f"row {row}", _text(self.captions[row]), str(self.images[row])
-        if not caption.strip():
-            return Skip(self.source, key, EMPTY_CAPTION, f"image {path}")
-        try:
-            with Image.open(path) as img:
-                image = self.transforms(img)
-        except Exception as exn:
-            return Skip(self.source, key, decode_reason(exn), f"file {path}: {detail(exn)}")
-        return image, self.tokenize([caption])[0]
-
-
-def _text(caption) -> str:
-    """A CSV caption as text: pandas reads an empty field as NaN (which open_clip trains as "nan")."""
-    if caption is None or (isinstance(caption, float) and math.isnan(caption)):
-        return ""
-    return str(caption)

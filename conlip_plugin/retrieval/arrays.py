@@ -4,18 +4,19 @@ once every row is written); ``NpyRows`` reads rows of one without their pages st
 process's resident memory, as those of a memory map held open would while faiss is built."""
 import math
 import mmap
-import os
 from pathlib import Path
 from typing import Tuple, Union
 
 import numpy as np
+
+from conlip_plugin.atomic_files import move_into_place, temporary_path
 
 
 class NpyWriter:
     """Write ``shape[0]`` rows in blocks with ``write``, then ``close`` to move the file into place."""
 
     def __init__(self, path: Path, shape: Tuple[int, ...], dtype: np.dtype):
-        self.path, self.tmp = Path(path), Path(path).with_name(Path(path).name + ".tmp")
+        self.path, self.tmp = Path(path), temporary_path(path)
         self.shape, self.dtype, self.rows = tuple(shape), np.dtype(dtype), 0
         self._file = open(self.tmp, "wb")
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
@@ -30,10 +31,8 @@ class NpyWriter:
     def close(self) -> None:
         if self.rows != self.shape[0]:
             raise ValueError(f"{self.rows} rows written of {self.shape[0]}")
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(self.tmp, self.path)
+        move_into_place(self.tmp, self.path)
 
 
 class NpyRows:

@@ -22,7 +22,7 @@ from typing import List, Optional
 import numpy as np
 
 from conlip_plugin.arguments import fraction, non_negative_int, port_number, positive_float, positive_int, torch_device
-from conlip_plugin.data.files import fail
+from conlip_plugin.command_errors import fail
 from conlip_plugin.retrieval.encoder import MAX_ASPECT_RATIO, Encoder, ExtremeAspectRatio, ModelIdentity, UnreadableImage, loader_workers
 from conlip_plugin.retrieval.extras import require
 from conlip_plugin.retrieval.limits import ServingLimits

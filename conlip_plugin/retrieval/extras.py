@@ -4,7 +4,7 @@ the install command instead of a traceback."""
 import importlib
 from types import ModuleType
 
-from conlip_plugin.data.files import fail
+from conlip_plugin.command_errors import fail
 
 INSTALL = "pip install 'conlip-plugin[retrieval]'"
 DISTRIBUTIONS = {"faiss": "faiss-cpu (or faiss-gpu)", "pyarrow": "pyarrow", "fastapi": "fastapi",

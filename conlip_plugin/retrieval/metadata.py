@@ -5,12 +5,12 @@ Arrow's file format, uncompressed, is random-access on a memory map: opening it 
 each batch's header, and a row's strings are read from the page they lie in. Parquet would compress
 better, but a row read from Parquet decodes its whole row-group page.
 """
-import os
 from pathlib import Path
 from typing import Dict, List, Sequence
 
 import numpy as np
 
+from conlip_plugin.atomic_files import move_into_place, temporary_path
 from conlip_plugin.retrieval.extras import require
 
 FIELDS = (("key", "string"), ("caption", "string"), ("path", "string"), ("shard", "string"),
@@ -32,7 +32,7 @@ class ItemsWriter:
 
     def __init__(self, path: Path):
         pa = _arrow()
-        self.path, self.tmp = Path(path), Path(path).with_name(Path(path).name + ".tmp")
+        self.path, self.tmp = Path(path), temporary_path(path)
         self._schema = schema()
         self._sink = pa.OSFile(str(self.tmp), "wb")
         self._writer = pa.ipc.new_file(self._sink, self._schema)
@@ -44,9 +44,7 @@ class ItemsWriter:
     def close(self) -> None:
         self._writer.close()
         self._sink.close()
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(self.tmp, self.path)
+        move_into_place(self.tmp, self.path)
 
 
 class ItemsReader:

@@ -13,7 +13,7 @@ from logging.handlers import QueueHandler, QueueListener
 from pathlib import Path
 from typing import Iterator, List, Optional
 
-from conlip_plugin.data.files import fail
+from conlip_plugin.command_errors import fail
 
 QUEUED_RECORDS = 10_000  # records waiting for their writer before new ones are dropped
 

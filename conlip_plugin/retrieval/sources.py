@@ -14,7 +14,8 @@ from typing import Iterator, List, Optional
 
 import braceexpand
 
-from conlip_plugin.data.files import fail, normalize_caption
+from conlip_plugin.command_errors import fail
+from conlip_plugin.data.files import normalize_caption
 from conlip_plugin.data.shards import tar_samples
 from conlip_plugin.reliability.skipped_samples import IMAGE_EXTENSIONS
 

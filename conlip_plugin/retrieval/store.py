@@ -21,7 +21,6 @@ import io
 import itertools
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,8 @@ from typing import Callable, Dict, Iterable, Iterator, List, NoReturn, Optional,
 
 import numpy as np
 
-from conlip_plugin.data.files import fail, write_atomic
+from conlip_plugin.atomic_files import atomic_file, atomic_path, write_atomic
+from conlip_plugin.command_errors import fail
 from conlip_plugin.retrieval.arrays import NpyRows, NpyWriter
 from conlip_plugin.retrieval.distributed import Ranks
 from conlip_plugin.retrieval.embedding import ChunkEmbedder, ImageEmbedder
@@ -219,9 +219,8 @@ class IndexWriter:
         caption_file = NpyWriter(self.out / "captions.npy", (captions, dim), np.float16)
         rows_file = NpyWriter(self.out / "captions.rows.npy", (captions,), np.int64)
         metadata = ItemsWriter(self.out / "items.arrow")
-        skipped_tmp = self.out / "skipped.jsonl.tmp"
         skipped = 0
-        with open(skipped_tmp, "w", encoding="utf-8") as skipped_file:
+        with atomic_file(self.out / "skipped.jsonl", "w", encoding="utf-8") as skipped_file:
             for n in range(chunks):
                 with np.load(self._part(n)) as part:
                     offset = image_file.rows  # a chunk's caption rows count from its own first image
@@ -232,11 +231,8 @@ class IndexWriter:
                     for entry in json.loads(part["skipped"].tobytes()):
                         skipped_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
                         skipped += 1
-            skipped_file.flush()
-            os.fsync(skipped_file.fileno())
         for done in (image_file, caption_file, rows_file, metadata):
             done.close()
-        os.replace(skipped_tmp, self.out / "skipped.jsonl")
         gc.collect()
         images, caption_vectors = NpyRows(self.out / "images.npy"), NpyRows(self.out / "captions.npy")
         search = {"images": self._approximate("images", images, caption_vectors),
@@ -277,8 +273,8 @@ class IndexWriter:
         except BudgetTooSmall as err:
             fail(f"the approximate {modality} index: {err}; then run the same command again (the embeddings "
                  f"are saved, only this last step reruns).")
-        faiss.write_index(built.index, str(self.out / f"{modality}.faiss.tmp"))
-        os.replace(self.out / f"{modality}.faiss.tmp", self.out / f"{modality}.faiss")
+        with atomic_path(self.out / f"{modality}.faiss") as tmp:
+            faiss.write_index(built.index, str(tmp))
         _log.info("approximate %s index %s, nprobe %d: recall@10 %.3f against exact search on %d queries "
                   "(gallery images and captions; own row left out)", modality, built.kind, built.nprobe,
                   built.recall, built.queries)

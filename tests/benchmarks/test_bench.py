@@ -60,7 +60,7 @@ def test_bad_flags_stop_at_parsing_naming_the_flag(capsys, monkeypatch, argv, sa
 
 
 def test_paper_size_without_tokenizer_files_names_the_fix(tmp_path, monkeypatch):
-    from conlip_plugin.benchmarks.training import model_config
+    from conlip_plugin.benchmarks.random_towers import model_config
 
     with pytest.raises(SystemExit, match="holds neither vocab.txt nor tokenizer.json"):
         model_config("paper", str(tmp_path), tmp_path / "work")

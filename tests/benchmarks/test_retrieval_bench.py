@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conlip_plugin.benchmarks import retrieval as benchmark
+from conlip_plugin.benchmarks import synthetic_vectors
 from tiny_configs import native_base
 
 pytestmark = pytest.mark.slow  # 10-12 s on 2 cores
@@ -68,8 +69,8 @@ def test_report_fields_and_ranges(report):
 
 def test_recall_matches_an_independent_float64_search(report):
     index = report["index"]
-    gallery, labels = benchmark.synthetic_gallery(N, index["dim"], index["centres"], index["noise"], index["seed"])
-    queries, query_labels = benchmark.synthetic_queries(QUERIES, index["dim"], index["centres"], index["noise"],
+    gallery, labels = synthetic_vectors.synthetic_gallery(N, index["dim"], index["centres"], index["noise"], index["seed"])
+    queries, query_labels = synthetic_vectors.synthetic_queries(QUERIES, index["dim"], index["centres"], index["noise"],
                                                         index["seed"])
     scores = queries.astype(np.float64) @ gallery.astype(np.float64).T
     assert scores.max() < 0.999, "a held-out query is in the gallery"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conlip_plugin import atomic_files
 from conlip_plugin.data import files, karpathy, prepare, shards
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "prepare_retrieval_data.py"
@@ -487,9 +488,9 @@ def test_shared_helpers(tmp_path):
     assert files.stable_hash(3, "key") == hashlib.sha256(b"3:key").digest()
 
     path = tmp_path / "f.json"
-    files.write_atomic(path, b"one")
+    atomic_files.write_atomic(path, b"one")
     before = path.stat()
-    files.write_atomic(path, b"one", if_changed=True)
+    atomic_files.write_atomic(path, b"one", if_changed=True)
     assert (path.stat().st_ino, path.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    files.write_atomic(path, b"two", if_changed=True)
+    atomic_files.write_atomic(path, b"two", if_changed=True)
     assert path.read_bytes() == b"two" and not list(tmp_path.glob("*.tmp"))

@@ -5,7 +5,7 @@ import open_clip
 import pytest
 import torch
 
-from conlip_plugin.evaluation.analysis import instance_slot_attention
+from conlip_plugin.evaluation.attention import instance_slot_attention
 
 
 def slot0_weights_by_loops(attn, x, memory, memory_mask, query_mask):

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 from PIL import Image
 
+from conlip_plugin.data import training_readers as readers
 from conlip_plugin.reliability import skipped_samples as se
 from conlip_plugin.patches import skip_bad_samples as patch
 
@@ -262,7 +263,7 @@ def test_tar_members_report_each_damaged_shard_once(tmp_path, recorded):
     write_tar(inside, samples, "inside", cut_at=2)
     write_tar(boundary, samples, "boundary", cut_at=3)
     urls = [whole, gz, inside, boundary, tmp_path / "missing.tar"]
-    members = list(se.tar_members({"url": str(u)} for u in urls))
+    members = list(readers.tar_members({"url": str(u)} for u in urls))
     assert len(members) == 2 * 10 + 4 + 6
     assert {(s.source, s.key, s.reason, s.shard) for s in recorded()} == {
         (str(inside), "k1", "truncated tar", True),
@@ -344,8 +345,8 @@ def test_csv_rows_are_replaced_and_recorded(tmp_path, recorded):
     import torch
 
     corrupt = write_corrupt_csv(tmp_path, good=8)
-    dataset = se.CsvDataset(corrupt.train_data, lambda img: torch.tensor(img.convert("RGB").size),
-                            "filepath", "title", sep=",", tokenizer=lambda texts: [texts[0]])
+    dataset = readers.CsvDataset(corrupt.train_data, lambda img: torch.tensor(img.convert("RGB").size),
+                                 "filepath", "title", sep=",", tokenizer=lambda texts: [texts[0]])
     loaded = [dataset[i] for i in range(len(dataset))]
     assert all(caption.startswith("a picture of colour") for _, caption in loaded)
     assert {(s.source, s.key, s.reason) for s in recorded()} == set(corrupt.samples)
@@ -354,7 +355,7 @@ def test_csv_rows_are_replaced_and_recorded(tmp_path, recorded):
 
 def test_csv_with_no_usable_rows_says_what_to_check(tmp_path, recorded):
     (tmp_path / "train.csv").write_text("filepath,title\n" + "".join(f"/nowhere/{i}.png,a cat\n" for i in range(40)))
-    dataset = se.CsvDataset(tmp_path / "train.csv", None, "filepath", "title", sep=",")
+    dataset = readers.CsvDataset(tmp_path / "train.csv", None, "filepath", "title", sep=",")
     with pytest.raises(RuntimeError, match=r"32 consecutive rows .* from row 5 .*'row 5'.*/nowhere/5.png.*--csv-img-key"):
         dataset[5]
 

@@ -21,7 +21,7 @@ from conlip_plugin.retrieval.nearest import SCORE_BYTES, build_approximate, exac
 from conlip_plugin.retrieval.sizing import BudgetTooSmall, candidates, choose, list_count, memory_size
 from conlip_plugin.retrieval.sources import gallery_items
 from conlip_plugin.retrieval.store import Index, IndexWriter
-from conlip_plugin.retrieval.synthetic import SyntheticEmbedder, synthetic_items, synthetic_queries
+from conlip_plugin.benchmarks.synthetic_vectors import SyntheticEmbedder, synthetic_items, synthetic_queries
 
 DIM = 16
 
@@ -256,7 +256,7 @@ def test_the_calculated_figures_follow_the_measured_costs():
     """From 1M and 10M measured items to 100M: time, disk and loaded memory scale with the items;
     index's peak is the fitted fixed part plus the fitted multiple of the PQ index the sizer makes
     under the same 8 GiB budget."""
-    from conlip_plugin.retrieval.scale import extrapolate
+    from conlip_plugin.benchmarks.retrieval_scale import extrapolate
 
     budget = 8 * 2 ** 30
     fp16_1m, fp16_10m, pq = (choose(n, 256, budget) for n in (1_000_000, 10_000_000, 100_000_000))

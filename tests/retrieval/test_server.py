@@ -19,7 +19,8 @@ from conlip_plugin.retrieval import encoder as encoder_module  # noqa: E402
 from conlip_plugin.retrieval import queries as queries_module  # noqa: E402
 from conlip_plugin.retrieval.encoder import Encoder, ImageTooLarge, ModelIdentity, UnreadableImage  # noqa: E402
 from conlip_plugin.retrieval.queries import EMBEDDING_BYTES_PER_DIM, EMBEDDING_SLACK  # noqa: E402
-from conlip_plugin.retrieval.server import MULTIPART_SLACK, _listening_socket, create_app  # noqa: E402
+from conlip_plugin.retrieval.routes import MULTIPART_SLACK  # noqa: E402
+from conlip_plugin.retrieval.server import _listening_socket, create_app  # noqa: E402
 from conlip_plugin.retrieval.sources import gallery_items  # noqa: E402
 from conlip_plugin.retrieval.store import Index, IndexWriter  # noqa: E402
 

@@ -19,21 +19,10 @@ import numpy as np
 
 from conlip_plugin.retrieval.nearest import RECALL_K, exact_search, recall_at_k
 from conlip_plugin.retrieval.sizing import BudgetTooSmall, choose, format_bytes
-from conlip_plugin.retrieval.synthetic import SyntheticEmbedder, synthetic_items
+from conlip_plugin.benchmarks.process_memory import status_bytes
+from conlip_plugin.benchmarks.synthetic_vectors import SyntheticEmbedder, synthetic_items
 
 MB = 1e6
-
-
-def status_bytes(field: str) -> Optional[int]:
-    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in bytes; None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def _imported() -> int:
@@ -178,7 +167,7 @@ def markdown(store: Dict[str, object]) -> List[str]:
         lines += ["", f"Not calculated for {calc['n']:,} items: {calc['unbuildable']}."]
     elif calc:
         lines += ["", f"Calculated for {calc['n']:,} items from the costs measured at {calc['from'][0]:,} and "
-                      f"{calc['from'][1]:,} (see `scale.extrapolate`; index's peak over its imports: "
+                      f"{calc['from'][1]:,} (see `retrieval_scale.extrapolate`; index's peak over its imports: "
                       f"{calc['index_fixed_bytes'] / MB:,.0f} MB + {calc['index_peak_per_index_byte']:.2f} x the "
                       f"faiss index): index {calc['kind']} of "
                       f"{calc['index_bytes'] / MB:,.0f} MB, index wall {calc['index_wall_s'] / 3600:.1f} h, index "
