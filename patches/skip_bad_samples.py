@@ -20,6 +20,7 @@ import logging
 import sys
 from typing import Callable, Optional, Tuple
 
+from conlip_plugin.data import training_readers as readers
 from conlip_plugin.reliability import skipped_samples as se
 
 _passed: Optional[Tuple[str, str]] = None
@@ -60,7 +61,7 @@ def tarfile_to_samples_nothrow(src):
     """open_clip's training tar stage, reporting each unreadable or damaged shard once."""
     from open_clip_train.data import group_by_keys_nothrow
 
-    return group_by_keys_nothrow(se.tar_members(src))
+    return group_by_keys_nothrow(readers.tar_members(src))
 
 
 class _Draining:
@@ -141,7 +142,7 @@ def apply() -> None:
     data.filter_no_caption_or_no_image = filter_no_caption_or_no_image
     data.log_and_continue = log_and_continue
     data.tarfile_to_samples_nothrow = tarfile_to_samples_nothrow
-    data.CsvDataset = se.CsvDataset
+    data.CsvDataset = readers.CsvDataset
     data.get_wds_dataset = _opening_report(data.get_wds_dataset)
     train.train_one_epoch = _reporting_epochs(train.train_one_epoch)
     main = sys.modules.get("open_clip_train.main")
