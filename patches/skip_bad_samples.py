@@ -7,7 +7,7 @@ run. What: replaces, in ``open_clip_train.data``, ``filter_no_caption_or_no_imag
 (opens the skip report) and ``open_clip_train.train.train_one_epoch`` (logs skips, a summary per
 epoch; ``conlip_plugin.reliability.skipped_samples`` has the machinery).
 For: open_clip_torch 3.3.x with webdataset 0.2.5 to 0.2.86 (decode errors are recognised as
-raised in ``webdataset.filters._decode``; ``check_webdataset`` refuses others).
+raised in ``webdataset.filters._decode``; activation refuses a webdataset without it).
 """
 import functools
 import inspect
@@ -19,7 +19,6 @@ from conlip_plugin.reliability import skipped_samples as se
 
 PATCH = __name__.rpartition(".")[2]
 DECODE_STAGE = "_decode"
-TESTED_WEBDATASET = "0.2.5 to 0.2.86"
 
 _passed: Optional[Tuple[str, str]] = None
 
@@ -130,27 +129,6 @@ def _opening_report(get_wds_dataset: Callable) -> Callable:
     return reporting_get_wds_dataset
 
 
-class UnsupportedWebdataset(RuntimeError):
-    pass
-
-
-def check_webdataset() -> None:
-    """Refuse a webdataset whose decode stage is not ``webdataset.filters._decode``: decode errors
-    would then be counted as lost shards."""
-    import webdataset
-    import webdataset.filters as filters
-
-    stage = getattr(filters, DECODE_STAGE, None)
-    if getattr(getattr(stage, "__code__", None), "co_name", None) != DECODE_STAGE:
-        version = getattr(webdataset, "__version__", "unknown")
-        raise UnsupportedWebdataset(
-            f"conlip-plugin's {PATCH} patch recognises webdataset decode errors as raised in "
-            f"webdataset.filters.{DECODE_STAGE}, which webdataset {version} lacks; it was tested with "
-            f"webdataset {TESTED_WEBDATASET}. Install one (pip install 'webdataset>=0.2.5,<=0.2.86'), "
-            f"or set CONLIP_PLUGIN_DISABLE=1 to use open_clip without ConLIP."
-        )
-
-
 def _rebind_epoch(main) -> None:
     import open_clip_train.train as train
 
@@ -161,7 +139,6 @@ def apply() -> None:
     import open_clip_train.data as data
     import open_clip_train.train as train
 
-    check_webdataset()
     replace(data, "filter_no_caption_or_no_image", filter_no_caption_or_no_image, patch=PATCH)
     replace(data, "log_and_continue", log_and_continue, patch=PATCH)
     replace(data, "tarfile_to_samples_nothrow", tarfile_to_samples_nothrow, patch=PATCH)

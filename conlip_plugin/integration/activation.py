@@ -13,6 +13,7 @@ from typing import Dict, Tuple
 from conlip_plugin.integration import patching
 
 TESTED_OPEN_CLIP = ("3.3",)
+TESTED_WEBDATASET = "0.2.5 to 0.2.86"
 CONFIGS_ENV = "CONLIP_MODEL_CONFIGS"
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"
 
@@ -39,7 +40,15 @@ _done: set = set()
 _log = logging.getLogger(__name__)
 
 
-class UnsupportedOpenClipVersion(RuntimeError):
+class UnsupportedVersion(RuntimeError):
+    """An installed library the patches were not written for; nothing of that step is applied."""
+
+
+class UnsupportedOpenClipVersion(UnsupportedVersion):
+    pass
+
+
+class UnsupportedWebdataset(UnsupportedVersion):
     pass
 
 
@@ -53,6 +62,26 @@ def check_open_clip_version() -> None:
             f"and found {version}: its patches change open_clip internals that differ between versions. "
             f"Install a tested version (pip install 'open_clip_torch>=3.3,<3.4'), or set "
             f"CONLIP_PLUGIN_DISABLE=1 to use open_clip without ConLIP."
+        )
+
+
+def check_webdataset() -> None:
+    """Refuse a webdataset whose decode stage is not where ``patches/skip_bad_samples.py`` looks
+    (``webdataset.filters._decode``): its decode errors would be counted as lost shards."""
+    import webdataset
+    import webdataset.filters as filters
+
+    from conlip_plugin.patches.skip_bad_samples import DECODE_STAGE
+
+    stage = getattr(filters, DECODE_STAGE, None)
+    if getattr(getattr(stage, "__code__", None), "co_name", None) != DECODE_STAGE:
+        version = getattr(webdataset, "__version__", "unknown")
+        raise UnsupportedWebdataset(
+            f"conlip-plugin's skip_bad_samples patch recognises webdataset decode errors as raised in "
+            f"webdataset.filters.{DECODE_STAGE}, which the installed webdataset {version} lacks; it was "
+            f"tested with webdataset {TESTED_WEBDATASET}. Install a tested version "
+            f"(pip install 'webdataset>=0.2.5,<=0.2.86'), or set CONLIP_PLUGIN_DISABLE=1 to use "
+            f"open_clip without ConLIP."
         )
 
 
@@ -95,7 +124,7 @@ def _guarded(step: str, strict: bool, fn) -> None:
         return
     try:
         fn()
-    except UnsupportedOpenClipVersion as err:
+    except UnsupportedVersion as err:
         if strict:
             raise
         print(f"conlip-plugin: not activated: {err}", file=sys.stderr)
@@ -119,6 +148,7 @@ def activate_open_clip_train(strict: bool = True) -> None:
 
     def run():
         check_open_clip_version()
+        check_webdataset()
         _apply(_TRAIN_PATCHES)
         check_chains()
 
