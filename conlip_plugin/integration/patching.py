@@ -10,7 +10,7 @@ import functools
 import sys
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 MAIN = "open_clip_train.main"
 
@@ -99,12 +99,17 @@ def describe() -> Iterator[str]:
         yield f"{patch}: names in {MAIN}, once it runs"
 
 
-def unapply() -> None:
-    """Restore every original in reverse order; a later ``apply()`` starts afresh."""
-    for record in reversed(list(_records.values())):
-        setattr(record.owner, record.attribute, record.original)
-    _records.clear()
-    _main_hooks.clear()
+def unapply(patches: Optional[Iterable[str]] = None) -> None:
+    """Restore the originals of ``patches`` (default: all) in reverse order; a later ``apply()``
+    starts afresh."""
+    names = None if patches is None else set(patches)
+    for key, record in reversed(list(_records.items())):
+        if names is None or record.patch in names:
+            setattr(record.owner, record.attribute, record.original)
+            del _records[key]
+    for patch in list(_main_hooks):
+        if names is None or patch in names:
+            del _main_hooks[patch]
 
 
 class _Overlay(types.ModuleType):
@@ -144,7 +149,8 @@ def mains() -> Iterator[types.ModuleType]:
         yield entry
 
 
-def _run_main_hooks() -> None:
+def patch_mains() -> None:
+    """Run every ``for_each_main`` hook on every ``open_clip_train.main`` there is now."""
     for main in mains():
         for hook in list(_main_hooks.values()):
             hook(main)
@@ -161,10 +167,10 @@ def for_each_main(patch: str, hook: Callable[[types.ModuleType], None]) -> None:
     def hooked(parse_args: Callable) -> Callable:
         @functools.wraps(parse_args)
         def parse_args_then_patch_main(*args: Any, **kwargs: Any) -> Any:
-            _run_main_hooks()
+            patch_mains()
             return parse_args(*args, **kwargs)
 
         return parse_args_then_patch_main
 
     wrap(params, "parse_args", hooked, patch="for_each_main")
-    _run_main_hooks()
+    patch_mains()

@@ -22,7 +22,7 @@ def main_module():
     conlip_plugin.activate()
     import open_clip_train.main as main
 
-    patching._run_main_hooks()
+    patching.patch_mains()
     return main
 
 
@@ -32,7 +32,7 @@ def restored():
     yield
     activation.deactivate()
     conlip_plugin.activate()
-    patching._run_main_hooks()
+    patching.patch_mains()
 
 
 def _bound(records):
@@ -66,7 +66,7 @@ def test_unapply_restores_every_original_and_reapply_works(main_module, restored
         assert getattr(record.owner, record.attribute) is record.original, record.target
     assert patching.applied() == []
     conlip_plugin.activate()
-    patching._run_main_hooks()
+    patching.patch_mains()
     assert sorted((r.patch, r.target) for r in patching.applied()) == sorted((r.patch, r.target) for r in records)
 
 
@@ -106,9 +106,7 @@ def test_wrap_is_keyed_on_owner_attribute_and_patch():
         patching.wrap(owner, "f", lambda f: lambda x: f(x) * 10, patch="t2", also=(alias,))
         assert owner.f("ab") == alias.f("ab") == 30 and patching.chain(owner, "f") == ["t1", "t2"]
     finally:
-        for key in [k for k, r in patching._records.items() if r.patch in ("t1", "t2")]:
-            record = patching._records.pop(key)
-            setattr(record.owner, record.attribute, record.original)
+        patching.unapply(["t1", "t2"])
     assert owner.f is len and alias.f is len
 
 
