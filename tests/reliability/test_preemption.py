@@ -41,9 +41,9 @@ def main_module():
     """``open_clip_train.main`` in this process with the plugin's names in place, as ``main()`` has them."""
     conlip_plugin.activate()
     import open_clip_train.main as main
-    from conlip_plugin.patches.atomic_checkpoints import patch_main
+    from conlip_plugin.integration.patching import patch_mains
 
-    patch_main(main)
+    patch_mains()
     return main
 
 
