@@ -11,27 +11,34 @@ every rank exits with status 75. Any model trained through open_clip_train gets 
 ``CONLIP_PREEMPTION_SIGNALS=none`` keeps the signals' default actions. For: open_clip_torch 3.3.x.
 """
 import functools
-import sys
+from typing import Callable
 
-_MARK = "_conlip_preemption"
+from conlip_plugin.integration.patching import for_each_main, wrap
+
+PATCH = __name__.rpartition(".")[2]
 
 
-def apply() -> None:
-    import open_clip_train.train as train
-
-    from conlip_plugin.reliability.preemption import notice_signals, run_epoch
-
-    notice_signals()  # a malformed CONLIP_PREEMPTION_SIGNALS stops the run before it starts
-    original = train.train_one_epoch
-    if getattr(original, _MARK, False):
-        return
+def _on_notice(original: Callable) -> Callable:
+    from conlip_plugin.reliability.preemption import run_epoch
 
     @functools.wraps(original)
     def train_one_epoch(*args, **kwargs):
         return run_epoch(original, *args, **kwargs)
 
-    setattr(train_one_epoch, _MARK, True)
-    train.train_one_epoch = train_one_epoch
-    main = sys.modules.get("open_clip_train.main")
-    if main is not None and getattr(main, "train_one_epoch", None) is original:
-        main.train_one_epoch = train_one_epoch
+    return train_one_epoch
+
+
+def _rebind(main) -> None:
+    import open_clip_train.train as train
+
+    wrap(train, "train_one_epoch", _on_notice, patch=PATCH, also=(main,))
+
+
+def apply() -> None:
+    import open_clip_train.train as train
+
+    from conlip_plugin.reliability.preemption import notice_signals
+
+    notice_signals()  # a malformed CONLIP_PREEMPTION_SIGNALS stops the run before it starts
+    wrap(train, "train_one_epoch", _on_notice, patch=PATCH)
+    for_each_main(PATCH, _rebind)

@@ -12,6 +12,8 @@ any other model gets open_clip's own loss. For: open_clip_torch 3.3.x.
 import functools
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from conlip_plugin.integration.patching import wrap
+
 if TYPE_CHECKING:
     from conlip_plugin.method.config import ConLIPCfg
     from conlip_plugin.reliability.monitor import HealthMonitor
@@ -65,13 +67,8 @@ def conlip_loss_for(args, model_cfg: dict, recipe_loss: Callable[[Any], Any]):
     return ConLIPLoss.from_cfg(cfg, rank=args.rank, monitor=health_monitor_for(args, cfg))
 
 
-def apply() -> None:
-    import open_clip
+def _conlip_aware(original: Callable) -> Callable:
     import open_clip.factory as factory
-
-    original = factory.create_loss
-    if getattr(original, "_conlip_patched", False):
-        return
 
     @functools.wraps(original)
     def create_loss(args):
@@ -80,6 +77,11 @@ def apply() -> None:
             return conlip_loss_for(args, model_cfg, original)
         return original(args)
 
-    create_loss._conlip_patched = True
-    factory.create_loss = create_loss
-    open_clip.create_loss = create_loss
+    return create_loss
+
+
+def apply() -> None:
+    import open_clip
+    import open_clip.factory as factory
+
+    wrap(factory, "create_loss", _conlip_aware, patch=__name__.rpartition(".")[2], also=(open_clip,))

@@ -3,8 +3,7 @@
 Why: torchrun's agent keeps one TCPStore across the restarts of a group, and the keys through
 which gloo ranks exchange their addresses are named alike in every attempt. A restarted rank that
 comes up before its peers reads the dead attempt's addresses and fails (``Gloo connectFullMesh
-failed ... Connection refused``) or hangs connecting, so a run never survives its first dead rank
-(seen with torch 2.14 under both the static and the c10d rendezvous).
+failed ... Connection refused``) or hangs connecting, so a run never survives its first dead rank.
 What: in ``open_clip_train.distributed`` only (its module global ``torch``), ``init_process_group``
 with the ``env://`` method, on a restarted attempt (``TORCHELASTIC_RESTART_COUNT`` > 0), makes the
 same rendezvous itself and passes the store prefixed with the attempt's number. First attempts,
@@ -12,12 +11,11 @@ SLURM runs without torchrun and explicit stores are unchanged. For: open_clip_to
 """
 import functools
 import os
-import types
 from typing import Any, Callable
 
-import torch
 import torch.distributed as dist
 
+from conlip_plugin.integration.patching import overlay, wrap
 
 
 def fresh_namespace(init_process_group: Callable) -> Callable:
@@ -35,30 +33,9 @@ def fresh_namespace(init_process_group: Callable) -> Callable:
     return wrapper
 
 
-class _Distributed(types.ModuleType):
-    """``torch.distributed`` for one module's namespace, with ``init_process_group`` wrapped."""
-
-    def __init__(self) -> None:
-        super().__init__(dist.__name__, dist.__doc__)
-        self.init_process_group = fresh_namespace(dist.init_process_group)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(dist, name)
-
-
-class _Torch(types.ModuleType):
-    """``torch`` for one module's namespace, whose ``distributed`` is ``_Distributed``."""
-
-    def __init__(self) -> None:
-        super().__init__(torch.__name__, torch.__doc__)
-        self.distributed = _Distributed()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(torch, name)
-
-
 def apply() -> None:
     import open_clip_train.distributed as distributed
 
-    if not isinstance(distributed.torch, _Torch):
-        distributed.torch = _Torch()
+    wrap(distributed, "torch",
+         lambda real: overlay(real, {"distributed.init_process_group": fresh_namespace(dist.init_process_group)}),
+         patch=__name__.rpartition(".")[2])

@@ -10,6 +10,8 @@ For: open_clip_torch 3.3.x.
 """
 import functools
 
+from conlip_plugin.integration.patching import wrap
+
 
 def _builder(base):
     @functools.wraps(base, updated=())
@@ -26,7 +28,6 @@ def _builder(base):
 
         return ConLIP(*args, conlip_cfg=conlip_cfg, **kwargs)
 
-    build._conlip_original = base
     return build
 
 
@@ -34,6 +35,4 @@ def apply() -> None:
     import open_clip.factory as factory
 
     for name in ("CustomTextCLIP", "CLIP"):
-        current = getattr(factory, name)
-        if not hasattr(current, "_conlip_original"):
-            setattr(factory, name, _builder(current))
+        wrap(factory, name, _builder, patch=__name__.rpartition(".")[2])

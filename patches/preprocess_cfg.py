@@ -1,23 +1,19 @@
 """Give registered model configs their own image preprocessing (``preprocess_cfg``).
 
-Why: open_clip 3.3 takes the preprocessing of a model created by name from its defaults (OpenAI
-mean/std) plus a pretrained *tag*'s settings; a checkpoint file brings none, and a top-level
-``preprocess_cfg`` in a model JSON reaches the model constructor, which raises ``TypeError``. A
-model trained with other normalisation (the paper's ImageNet-21k ViT: mean = std = 0.5) was then
-evaluated on wrongly scaled images by every tool that creates it by name (clip_benchmark, the
-export, ``create_model_and_transforms``) unless each user repeated the training flags.
-What: wraps ``open_clip.factory.get_model_config`` so the model config it returns carries no
-``preprocess_cfg``, and ``create_model`` (which ``create_model_and_transforms``, open_clip_train
-and clip_benchmark call) so that the registered config's ``preprocess_cfg`` (open_clip's key and
-schema, as in ``open_clip_config.json``) is applied over open_clip's defaults; a pretrained tag's
-settings, the model's image size and ``force_preprocess_cfg`` (``--image-mean``, ``image_mean=``
-...) still win. ``BASE+conlip`` names inherit BASE's section. Any config registered in the
-process benefits, ConLIP's or not. For: open_clip_torch 3.3.x.
+Why: open_clip 3.3 takes a model's preprocessing from its defaults (OpenAI mean/std) plus a
+pretrained tag's settings, and a top-level ``preprocess_cfg`` in a model JSON reaches the model
+constructor (``TypeError``), so models trained with other normalisation were evaluated on wrongly
+scaled images. What: wraps ``open_clip.factory.get_model_config`` so the config it returns carries
+no ``preprocess_cfg``, and ``create_model`` (and its ``open_clip`` alias) so the registered config's
+section applies over open_clip's defaults; a pretrained tag, the image size and
+``force_preprocess_cfg`` still win. For: open_clip_torch 3.3.x.
 """
 import functools
 import inspect
 from numbers import Number
 from typing import Any, Callable, Dict, Optional
+
+from conlip_plugin.integration.patching import original_of, wrap
 
 KEY = "preprocess_cfg"
 _CHOICES = {"mode": ("RGB",), "interpolation": ("bicubic", "bilinear", "random"),
@@ -72,15 +68,7 @@ def registered_preprocess(lookup: Callable[[str], Optional[dict]], model_name: s
     return {k: v for k, v in own.items() if k not in tag}
 
 
-def apply() -> None:
-    import open_clip
-    import open_clip.factory as factory
-    from open_clip.transform import merge_preprocess_dict
-
-    lookup = factory.get_model_config
-    if getattr(lookup, "_conlip_preprocess", False):
-        return
-
+def _dropping_section(lookup: Callable) -> Callable:
     @functools.wraps(lookup)
     def get_model_config(model_name):
         model_cfg = lookup(model_name)
@@ -88,19 +76,34 @@ def apply() -> None:
             model_cfg.pop(KEY, None)
         return model_cfg
 
-    create = factory.create_model
-    signature = inspect.signature(create)
+    return get_model_config
 
-    @functools.wraps(create)
-    def create_model(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        own = registered_preprocess(lookup, bound.arguments["model_name"], bound.arguments.get("pretrained"))
-        if own:
-            forced = bound.arguments.get("force_preprocess_cfg") or {}
-            bound.arguments["force_preprocess_cfg"] = merge_preprocess_dict(own, forced)
-        return create(*bound.args, **bound.kwargs)
 
-    get_model_config._conlip_preprocess = True
-    factory.get_model_config = get_model_config
-    factory.create_model = create_model
-    open_clip.create_model = create_model
+def _applying_section(lookup: Callable) -> Callable[[Callable], Callable]:
+    from open_clip.transform import merge_preprocess_dict
+
+    def wrapper(create: Callable) -> Callable:
+        signature = inspect.signature(create)
+
+        @functools.wraps(create)
+        def create_model(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            own = registered_preprocess(lookup, bound.arguments["model_name"], bound.arguments.get("pretrained"))
+            if own:
+                forced = bound.arguments.get("force_preprocess_cfg") or {}
+                bound.arguments["force_preprocess_cfg"] = merge_preprocess_dict(own, forced)
+            return create(*bound.args, **bound.kwargs)
+
+        return create_model
+
+    return wrapper
+
+
+def apply() -> None:
+    import open_clip
+    import open_clip.factory as factory
+
+    patch = __name__.rpartition(".")[2]
+    wrap(factory, "get_model_config", _dropping_section, patch=patch)
+    lookup = original_of(factory, "get_model_config", patch)
+    wrap(factory, "create_model", _applying_section(lookup), patch=patch, also=(open_clip,))

@@ -1,27 +1,25 @@
 """Skip bad training samples by name and count them per epoch, for webdataset and CSV data.
 
-Why: in open_clip_train 3.3 a webdataset error only warns ``Handling webdataset error (...).
-Ignoring.`` without the sample's key (and from DataLoader workers), a sample without caption or
-image vanishes silently, an empty caption trains as an empty string, a tar cut at a member
-boundary ends its shard quietly, and a CSV row whose image is missing or corrupt crashes the run
-mid-epoch; nobody learns how much data a 60-hour run lost.
-What: replaces, in ``open_clip_train.data``, ``filter_no_caption_or_no_image`` (also drops empty
-captions), ``log_and_continue`` (the decode-error handler), ``tarfile_to_samples_nothrow``
-(whose handler is bound at import) and ``CsvDataset`` (skips and replaces a bad row), all looked
-up when the datasets are built; wraps ``get_wds_dataset`` to open the skip report before its
-workers start, and ``open_clip_train.train.train_one_epoch`` (bound by ``open_clip_train.main``
-at import) to log each skipped sample as it is met and a summary by reason after each epoch,
-rank 0 summing all ranks (``conlip_plugin.reliability.skipped_samples`` has the machinery).
-For: open_clip_torch 3.3.x with webdataset <= 0.2.86.
+Why: in open_clip_train 3.3 a webdataset error only warns without the sample's key, samples
+without caption vanish silently, a cut tar ends its shard quietly and a bad CSV row crashes the
+run. What: replaces, in ``open_clip_train.data``, ``filter_no_caption_or_no_image``,
+``log_and_continue``, ``tarfile_to_samples_nothrow`` and ``CsvDataset``; wraps ``get_wds_dataset``
+(opens the skip report) and ``open_clip_train.train.train_one_epoch`` (logs skips, a summary per
+epoch; ``conlip_plugin.reliability.skipped_samples`` has the machinery).
+For: open_clip_torch 3.3.x with webdataset 0.2.5 to 0.2.86 (decode errors are recognised as
+raised in ``webdataset.filters._decode``; activation refuses a webdataset without it).
 """
 import functools
 import inspect
 import logging
-import sys
 from typing import Callable, Optional, Tuple
 
 from conlip_plugin.data import training_readers as readers
+from conlip_plugin.integration.patching import for_each_main, replace, wrap
 from conlip_plugin.reliability import skipped_samples as se
+
+PATCH = __name__.rpartition(".")[2]
+DECODE_STAGE = "_decode"
 
 _passed: Optional[Tuple[str, str]] = None
 
@@ -48,7 +46,7 @@ def _caught_in(exn: BaseException) -> str:
 
 def log_and_continue(exn: Exception) -> bool:
     """open_clip's webdataset error handler: record the sample (or shard) lost, then go on."""
-    if _caught_in(exn) == "_decode":
+    if _caught_in(exn) == DECODE_STAGE:
         source, key = _passed or ("an unknown shard", None)
         se.record(se.Skip(source, key, se.decode_reason(exn), se.detail(exn)))
     else:
@@ -129,22 +127,23 @@ def _opening_report(get_wds_dataset: Callable) -> Callable:
         se.open_report()
         return get_wds_dataset(*args, **kwargs)
 
-    reporting_get_wds_dataset._conlip_sample_errors = True
     return reporting_get_wds_dataset
+
+
+def _rebind_epoch(main) -> None:
+    import open_clip_train.train as train
+
+    wrap(train, "train_one_epoch", _reporting_epochs, patch=PATCH, also=(main,))
 
 
 def apply() -> None:
     import open_clip_train.data as data
     import open_clip_train.train as train
 
-    if getattr(data.get_wds_dataset, "_conlip_sample_errors", False):
-        return
-    data.filter_no_caption_or_no_image = filter_no_caption_or_no_image
-    data.log_and_continue = log_and_continue
-    data.tarfile_to_samples_nothrow = tarfile_to_samples_nothrow
-    data.CsvDataset = readers.CsvDataset
-    data.get_wds_dataset = _opening_report(data.get_wds_dataset)
-    train.train_one_epoch = _reporting_epochs(train.train_one_epoch)
-    main = sys.modules.get("open_clip_train.main")
-    if main is not None:
-        main.train_one_epoch = train.train_one_epoch
+    replace(data, "filter_no_caption_or_no_image", filter_no_caption_or_no_image, patch=PATCH)
+    replace(data, "log_and_continue", log_and_continue, patch=PATCH)
+    replace(data, "tarfile_to_samples_nothrow", tarfile_to_samples_nothrow, patch=PATCH)
+    replace(data, "CsvDataset", readers.CsvDataset, patch=PATCH)
+    wrap(data, "get_wds_dataset", _opening_report, patch=PATCH)
+    wrap(train, "train_one_epoch", _reporting_epochs, patch=PATCH)
+    for_each_main(PATCH, _rebind_epoch)

@@ -13,10 +13,11 @@ log says why. For: open_clip_torch 3.3.x.
 """
 import functools
 import logging
-import sys
-from typing import Optional
+from typing import Callable, Optional
 
-_MARK = "_conlip_trim_captions"
+from conlip_plugin.integration.patching import for_each_main, wrap
+
+PATCH = __name__.rpartition(".")[2]
 
 
 def _pad_id(tokenizer) -> int:
@@ -42,15 +43,9 @@ def trimming_multiple(model_name: str) -> Optional[int]:
     return multiple if multiple and not reason else None
 
 
-def apply() -> None:
-    import open_clip_train.data as data
-
+def _trimming(original: Callable) -> Callable:
     from conlip_plugin.integration.loaders import torch_data_loader
     from conlip_plugin.method.text_padding import TrimCaptions
-
-    original = data.get_data
-    if getattr(original, _MARK, False):
-        return
 
     @functools.wraps(original)
     def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
@@ -61,8 +56,17 @@ def apply() -> None:
             loader.collate_fn = TrimCaptions(loader.collate_fn, _pad_id(tokenizer), multiple)
         return out
 
-    setattr(get_data, _MARK, True)
-    data.get_data = get_data
-    main = sys.modules.get("open_clip_train.main")
-    if main is not None:
-        main.get_data = get_data
+    return get_data
+
+
+def _rebind(main) -> None:
+    import open_clip_train.data as data
+
+    wrap(data, "get_data", _trimming, patch=PATCH, also=(main,))
+
+
+def apply() -> None:
+    import open_clip_train.data as data
+
+    wrap(data, "get_data", _trimming, patch=PATCH)
+    for_each_main(PATCH, _rebind)

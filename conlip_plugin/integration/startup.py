@@ -2,7 +2,8 @@
 
 Importing torch at interpreter start-up would slow every Python process, so this only installs
 an import hook; the plugin itself loads right after ``open_clip`` (or ``open_clip_train``) has
-finished importing. ``CONLIP_PLUGIN_DISABLE=1`` turns the hook off.
+finished importing, and ``open_clip_train.main``'s names once it is imported.
+``CONLIP_PLUGIN_DISABLE=1`` turns the hook off.
 """
 import importlib.abc
 import importlib.machinery
@@ -11,6 +12,7 @@ import sys
 from types import ModuleType
 
 DISABLE_ENV = "CONLIP_PLUGIN_DISABLE"
+MAIN = "open_clip_train.main"  # imported (not run with -m): its names are patched once it has run
 
 
 def _disabled() -> bool:
@@ -24,6 +26,10 @@ def _after_import(name: str) -> None:
         activation.activate_open_clip(strict=False)
     elif name == "open_clip_train":
         activation.activate_open_clip_train(strict=False)
+    elif name == MAIN:
+        from conlip_plugin.integration.patching import patch_mains
+
+        patch_mains()  # the names patches change in main; no-op unless they were applied
 
 
 class _LoaderThenActivate(importlib.abc.Loader):
@@ -45,7 +51,7 @@ class _LoaderThenActivate(importlib.abc.Loader):
 
 
 class _ActivateAfterImport(importlib.abc.MetaPathFinder):
-    targets = ("open_clip", "open_clip_train")
+    targets = ("open_clip", "open_clip_train", MAIN)
 
     def find_spec(self, fullname, path, target=None):
         if fullname not in self.targets:

@@ -2,9 +2,9 @@
 
 The change files live in the repository's top-level ``patches/`` folder. A wheel copies them into
 this package; in a checkout (an editable install) this package reads them from that folder, so
-``conlip_plugin.patches.NAME`` is the same file either way. Each module has an idempotent
-``apply()``; all were written for, and are applied only on, open_clip_torch 3.3.x
-(``conlip_plugin.integration.activation`` refuses other versions).
+``conlip_plugin.patches.NAME`` is the same file either way. Each module's ``apply()`` changes
+open_clip once, through ``conlip_plugin.integration.patching``; all were written for, and are
+applied only on, open_clip_torch 3.3.x (``conlip_plugin.integration.activation`` refuses others).
 """
 from pathlib import Path
 

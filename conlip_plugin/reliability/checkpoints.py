@@ -11,7 +11,6 @@ few kilobytes of reading even for a checkpoint of many gigabytes.
 """
 import os
 import re
-import types
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable, List, Optional, Tuple
@@ -79,19 +78,6 @@ def atomic_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
     refuse_nonfinite_checkpoint(obj, path)
     with atomic_path(path, temporary=partial_path(path)) as partial:
         torch.save(obj, os.fspath(partial), *args, **kwargs)
-
-
-class TorchWithAtomicSave(types.ModuleType):
-    """``torch`` for one module's namespace: every attribute is torch's own, looked up at each
-    use, except ``save``, which is ``atomic_save``."""
-
-    save = staticmethod(atomic_save)
-
-    def __init__(self) -> None:
-        super().__init__(torch.__name__, torch.__doc__)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(torch, name)
 
 
 def _safetensors_problem(path: Path) -> Optional[str]:

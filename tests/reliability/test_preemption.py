@@ -41,9 +41,9 @@ def main_module():
     """``open_clip_train.main`` in this process with the plugin's names in place, as ``main()`` has them."""
     conlip_plugin.activate()
     import open_clip_train.main as main
-    from conlip_plugin.patches.atomic_checkpoints import patch_main
+    from conlip_plugin.integration.patching import patch_mains
 
-    patch_main(main)
+    patch_mains()
     return main
 
 
@@ -125,10 +125,11 @@ def test_atomic_save_leaves_the_old_file_or_the_whole_new_one(tmp_path, monkeypa
 
 def test_open_clip_train_main_saves_through_atomic_save_and_sees_torch_otherwise(main_module):
     from conlip_plugin.patches.atomic_checkpoints import patch_main
+    from conlip_plugin.patches.ddp_on_cpu import CpuTolerantDDP
 
     assert main_module.torch.save is atomic_save
     assert main_module.torch.optim is torch.optim and main_module.torch.cuda is torch.cuda
-    assert main_module.torch.nn.parallel.DistributedDataParallel is torch.nn.parallel.DistributedDataParallel
+    assert main_module.torch.nn.parallel.DistributedDataParallel is CpuTolerantDDP
     proxy, latest = main_module.torch, main_module.get_latest_checkpoint
     patch_main(main_module)
     assert main_module.torch is proxy and main_module.get_latest_checkpoint is latest
