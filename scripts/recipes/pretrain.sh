@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Paper pre-training: ConLIP or a baseline on CC3M+CC12M webdataset shards (img2dataset output).
 #   VARIANT=conlip|cl|vanilla DATA='/data/cc5m/{00000..00529}.tar' NUM_SAMPLES=5300000 bash pretrain.sh
-# Needs CONLIP_BERT_DIR and CONLIP_VIT_WEIGHTS (see README). Paper: 8 A100s, about 60 h (5.3M)
+# Needs CONLIP_BERT_DIR and CONLIP_VIT_WEIGHTS (see docs/training.md). Paper: 8 A100s, about 60 h (5.3M)
 # or 100 h (9.5M) per model, i.e. 480 / 800 GPU-hours.
 set -euo pipefail
 : "${DATA:?set DATA to the training shards}" "${NUM_SAMPLES:?set NUM_SAMPLES}"

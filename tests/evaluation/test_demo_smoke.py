@@ -1,4 +1,4 @@
-"""The README's main command in its smoke form: emoji data from npm, five models, report."""
+"""The main job (conlip-demo, scripts/run-demo) in its smoke form: emoji data from npm, five models, report."""
 import json
 import shutil
 import sys

@@ -1,6 +1,6 @@
 """Faults a cluster brings, on real runs of open_clip_train (conlip-tiny, CPU, gloo): a rank killed
 under ``torchrun --max-restarts``, and a pre-emption notice. Used by tests/reliability/test_cluster_faults.py
-(one fault of each kind) and, as a script, for the README's Reliability figures:
+(one fault of each kind) and, as a script, for the figures of docs/reliability.md:
 
     python tests/reliability/cluster_faults.py OUT --mode dead-rank --kills 5 [--seed 0]
     python tests/reliability/cluster_faults.py OUT --mode notice --kills 5 [--seed 0]

@@ -2,7 +2,7 @@
 
     python tests/reliability/kill_bench.py OUT_DIR [--kills 10] [--copies 8] [--epochs 6] [--resampled 80] [--seed 0]
 
-(The README's Reliability figures; run from a checkout with the plugin installed.)
+(The figures of docs/reliability.md; run from a checkout with the plugin installed.)
 
 Each kill picks a kind in turn, with a random moment: mid-step: uniform(0, one step) after a
 random step number in [1, 1.5 epochs] of the process; mid-epoch: uniform(0, 1.5 epochs) after the
