@@ -1,7 +1,8 @@
 """Mixed-precision health of ConLIP training, measured through the stock ``open_clip_train.main``.
 
 Why: fp16 autocast with a GradScaler can skip steps or let a loss term overflow, and neither shows
-in open_clip's log; this command measures how often that happens (its paper-size table, once run on a GPU, goes in docs/reliability.md).
+in open_clip's log; this command measures how often that happens (its paper-size table, once run
+on a GPU, goes in docs/reliability.md).
 What: per ``--precision`` (default ``amp`` then ``amp_bf16``) one run of random-init towers on
 open_clip's synthetic data, ``--steps`` optimizer steps of ``--batch-size``, in a subprocess, so the
 training loop is open_clip's own. The health monitor (``conlip_plugin.reliability.monitor``) logs cumulative
