@@ -17,8 +17,9 @@ TESTED_WEBDATASET = "0.2.5 to 0.2.86"
 CONFIGS_ENV = "CONLIP_MODEL_CONFIGS"
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"
 
-_OPEN_CLIP_PATCHES = ("config_paths", "preprocess_cfg", "model_class", "create_loss", "pretrained_init")
-_TRAIN_PATCHES = ("ddp_on_cpu", "skip_bad_samples", "atomic_checkpoints", "trim_captions", "checkpoint_on_notice", "elastic_restarts")
+OPEN_CLIP_PATCHES = ("config_paths", "preprocess_cfg", "model_class", "create_loss", "pretrained_init")
+TRAIN_PATCHES = ("ddp_on_cpu", "skip_bad_samples", "atomic_checkpoints", "trim_captions", "checkpoint_on_notice",
+                 "elastic_restarts")
 # Bindings that more than one patch wraps, as "module.attribute" (``main`` is open_clip_train.main)
 # -> the patches in the order they wrap it, innermost first. The order of the lists above must
 # produce exactly these chains; ``check_chains`` verifies it after every activation.
@@ -135,7 +136,7 @@ def _guarded(step: str, strict: bool, fn) -> None:
 def activate_open_clip(strict: bool = True) -> None:
     def run():
         check_open_clip_version()
-        _apply(_OPEN_CLIP_PATCHES)
+        _apply(OPEN_CLIP_PATCHES)
         check_chains()
         register_configs()
         _log.debug("conlip-plugin activated for open_clip")
@@ -149,7 +150,7 @@ def activate_open_clip_train(strict: bool = True) -> None:
     def run():
         check_open_clip_version()
         check_webdataset()
-        _apply(_TRAIN_PATCHES)
+        _apply(TRAIN_PATCHES)
         check_chains()
 
     _guarded("open_clip_train", strict, run)

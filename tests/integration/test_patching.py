@@ -14,7 +14,7 @@ from conlip_plugin.integration import activation, patching
 
 ROOT = Path(__file__).resolve().parents[2]
 PATCH_FILES = sorted(p.name for p in (ROOT / "patches").glob("*.py"))
-ALL_PATCHES = activation._OPEN_CLIP_PATCHES + activation._TRAIN_PATCHES
+ALL_PATCHES = activation.OPEN_CLIP_PATCHES + activation.TRAIN_PATCHES
 
 
 @pytest.fixture
@@ -134,3 +134,13 @@ def test_python_m_conlip_plugin_patches_lists_every_patch():
                          check=True, cwd=ROOT).stdout
     listed = {line.split(":", 1)[0] for line in out.splitlines()}
     assert {name[:-3] for name in PATCH_FILES} <= listed
+
+
+@pytest.mark.slow
+def test_a_plain_import_of_open_clip_train_main_gets_the_patched_names():
+    """The start-up hook patches ``open_clip_train.main`` when it is imported, not only under ``python -m``."""
+    code = ("import torch, open_clip_train.main as main\n"
+            "print(main.torch.nn.parallel.DistributedDataParallel.__name__,"
+            " torch.nn.parallel.DistributedDataParallel.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.split() == ["CpuTolerantDDP", "DistributedDataParallel"]
