@@ -102,7 +102,11 @@ def check_chains() -> None:
         for owner in owners:
             found = tuple(patching.chain(owner, attribute))
             if found and found != declared[:len(found)]:
-                raise RuntimeError(f"conlip-plugin: {target} is wrapped by {found}, declared {declared}")
+                raise RuntimeError(
+                    f"conlip-plugin: {target} is wrapped by the patches {found} in that order, but activation "
+                    f"declares {declared} (CHAINS in conlip_plugin/integration/activation.py): a patch list or "
+                    f"a patch's apply() changed without its chain. Make the lists and CHAINS agree; as a user, "
+                    f"reinstall conlip-plugin, or set CONLIP_PLUGIN_DISABLE=1 to use open_clip without ConLIP.")
 
 
 def register_configs() -> None:

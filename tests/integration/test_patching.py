@@ -144,3 +144,10 @@ def test_a_plain_import_of_open_clip_train_main_gets_the_patched_names():
             " torch.nn.parallel.DistributedDataParallel.__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.split() == ["CpuTolerantDDP", "DistributedDataParallel"]
+
+
+def test_a_chain_out_of_its_declared_order_is_refused_naming_the_fix(main_module, monkeypatch):
+    target = "open_clip.factory.get_model_config"
+    monkeypatch.setitem(activation.CHAINS, target, tuple(reversed(activation.CHAINS[target])))
+    with pytest.raises(RuntimeError, match=r"get_model_config is wrapped by .* Make the lists and CHAINS agree"):
+        activation.check_chains()
